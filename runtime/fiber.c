@@ -16,7 +16,6 @@
 #include "error.h"
 #include "log.h"
 
-#define FIBER_MT "fibril.fiber"
 /* Resumes per loop turn before I/O gets a look in; high enough that schedule+await in a
  * tight loop pays for a poll only every few thousand fibers. */
 #define DRAIN_BUDGET 8192
@@ -68,6 +67,9 @@ static struct {
   int main_finished;
   int exit_requested, exit_code;
   uint64_t next_id;
+  int mt_ref;             /* handle metatable with __gc: live fibers, and results to release */
+  int mt_done_ref;        /* the same without __gc: finished with nothing left to release,
+                             so collecting the handle costs no finalizer call */
   size_t live_fibers, live_refs, live_handles;
 } S;
 
@@ -263,8 +265,23 @@ static double opt_timeout(lua_State *L, int idx, const char *who) {
 
 /* ---- fiber lifecycle ----------------------------------------------------------------- */
 
-static fb_fiber_t *check_fiber(lua_State *L, int idx) {
-  return luaL_checkudata(L, idx, FIBER_MT);
+static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
+  void *p = lua_touserdata(L, idx);
+  if (p && lua_getmetatable(L, idx)) {       /* stack: mt */
+    int ok;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
+    ok = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+    if (!ok) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_done_ref);
+      ok = lua_rawequal(L, -1, -2);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    if (ok) return p;
+  }
+  luaL_error(L, "%s: expected a fiber, got %s", who, luaL_typename(L, idx));
+  return NULL;
 }
 
 /* Creates a fiber from the function below nargs arguments on L's top; pushes its handle. */
@@ -275,7 +292,7 @@ static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
   f = lua_newuserdata(L, sizeof *f);         /* stack: fn args... ud */
   memset(f, 0, sizeof *f);
   f->co_ref = f->self_ref = f->err_ref = LUA_NOREF;
-  luaL_getmetatable(L, FIBER_MT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setmetatable(L, -2);
   co = lua_newthread(L);                     /* stack: fn args... ud co */
   f->co = co;
@@ -399,6 +416,12 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   }
   if (cancelled) f->err_observed = 1;        /* cancellation is asked for, not a fault */
 
+  if (ok && k == 0) {                        /* nothing left for __gc: drop the finalizer */
+    lua_rawgeti(S.L, LUA_REGISTRYINDEX, f->self_ref);
+    lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.mt_done_ref);
+    lua_setmetatable(S.L, -2);
+    lua_pop(S.L, 1);
+  }
   if (f->is_main) {
     S.main_finished = 1;
     if (!ok) {
@@ -453,7 +476,8 @@ static void drain(uv_check_t *h) {
 /* ---- Lua API (module fibril.core.fiber; lua/fibril/init.lua wraps it) ---------------- */
 
 static int l_spawn(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TFUNCTION);
+  if (lua_type(L, 1) != LUA_TFUNCTION)
+    return luaL_error(L, "fibril.schedule: expected a function, got %s", luaL_typename(L, 1));
   fiber_spawn(L, lua_gettop(L) - 1);
   return 1;
 }
@@ -468,7 +492,7 @@ static int l_current(lua_State *L) {
 /* join(handle [, timeout]) -> true, results... | false, err (it failed) | nil, err (timeout,
  * cancelled). Returns at once when the fiber has finished. */
 static int l_join(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1), *f, *c;
+  fb_fiber_t *t = check_fiber(L, 1, "fibril.await"), *f, *c;
   double timeout = opt_timeout(L, 2, "fibril.await");
   if (t->state == FS_DONE) {
     int k = result_count(t);
@@ -525,7 +549,7 @@ static int l_park(lua_State *L) {
 /* wake(handle, values...) -> true when the fiber was parked and is now queued with
  * (true, values...); false otherwise (it already timed out, was cancelled or finished). */
 static int l_wake(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1);
+  fb_fiber_t *t = check_fiber(L, 1, "fibril.wake");
   int n = lua_gettop(L) - 1;
   if (t->state != FS_SUSPENDED || t->wait != W_PARK) {
     lua_pushboolean(L, 0);
@@ -540,7 +564,7 @@ static int l_wake(lua_State *L) {
 }
 
 static int l_cancel(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1);
+  fb_fiber_t *t = check_fiber(L, 1, "fibril.cancel");
   switch (t->state) {
   case FS_DONE:
   case FS_FAILED:
@@ -563,7 +587,7 @@ static const char *state_names[] = { "scheduled", "ready", "running", "suspended
                                      "failed" };
 
 static int l_status(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1);
+  fb_fiber_t *t = check_fiber(L, 1, "fiber:status");
   if (t->state == FS_FAILED) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->err_ref);
     lua_getfield(L, -1, "code");
@@ -578,12 +602,12 @@ static int l_status(lua_State *L) {
 }
 
 static int l_id(lua_State *L) {
-  lua_pushnumber(L, (lua_Number)check_fiber(L, 1)->id);
+  lua_pushnumber(L, (lua_Number)check_fiber(L, 1, "fiber:id")->id);
   return 1;
 }
 
 static int l_fiber_tostring(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1);
+  fb_fiber_t *t = check_fiber(L, 1, "tostring");
   lua_pushfstring(L, "fiber %d (%s)", (int)t->id, state_names[t->state]);
   return 1;
 }
@@ -591,7 +615,7 @@ static int l_fiber_tostring(lua_State *L) {
 /* One idempotent release for a handle that Lua no longer reaches: only finished fibers,
  * except at lua_close, when every handle is finalized. */
 static int l_fiber_gc(lua_State *L) {
-  fb_fiber_t *f = check_fiber(L, 1);
+  fb_fiber_t *f = check_fiber(L, 1, "__gc");
   if (f->state == FS_FAILED && !f->err_observed) {
     char msg[8192];
     size_t len = 0;
@@ -682,18 +706,34 @@ static const luaL_Reg core_funcs[] = {
 };
 
 int luaopen_fibril_core_fiber(lua_State *L) {
-  luaL_newmetatable(L, FIBER_MT);            /* created in fb_sched_init; fetched here */
-  lua_pop(L, 1);
   lua_newtable(L);
   luaL_setfuncs(L, core_funcs, 0);
-  luaL_getmetatable(L, FIBER_MT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setfield(L, -2, "fiber_metatable");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_done_ref);
+  lua_setfield(L, -2, "done_fiber_metatable");
   luaL_getmetatable(L, FB_ERROR_MT);
   lua_setfield(L, -2, "error_metatable");
   return 1;
 }
 
 /* ---- scheduler set-up and the main fiber ----------------------------------------------- */
+
+/* With the methods table on top, makes a handle metatable and returns a registry ref. */
+static int new_fiber_metatable(lua_State *L, int with_gc) {
+  lua_createtable(L, 0, 4);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_fiber_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushliteral(L, "fiber");
+  lua_setfield(L, -2, "__name");
+  if (with_gc) {
+    lua_pushcfunction(L, l_fiber_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  return luaL_ref(L, LUA_REGISTRYINDEX);
+}
 
 void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   memset(&S, 0, sizeof S);
@@ -704,16 +744,11 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   uv_unref((uv_handle_t *)&S.check);         /* draining alone never keeps the process up */
   uv_idle_init(loop, &S.idle);
 
-  luaL_newmetatable(L, FIBER_MT);
-  lua_newtable(L);
+  lua_newtable(L);                           /* stack: methods */
   luaL_setfuncs(L, fiber_methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_fiber_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_fiber_tostring);
-  lua_setfield(L, -2, "__tostring");
+  S.mt_ref = new_fiber_metatable(L, 1);
+  S.mt_done_ref = new_fiber_metatable(L, 0);
   lua_pop(L, 1);
-
   fb_error_init(L);
 }
 

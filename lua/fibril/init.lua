@@ -10,12 +10,16 @@ local type, error, select, getmetatable, unpack, pcall, tostring =
       type, error, select, getmetatable, unpack, pcall, tostring
 local spawn, join, csleep, park, wake, cancel, now =
       core.spawn, core.join, core.sleep, core.park, core.wake, core.cancel, core.now
-local FIBER_MT, ERROR_MT = core.fiber_metatable, core.error_metatable
+local FIBER_MT, DONE_MT, ERROR_MT =
+      core.fiber_metatable, core.done_fiber_metatable, core.error_metatable
 local min, max, huge = math.min, math.max, math.huge
 
 local M = {}
 
-local function is_fiber(v) return getmetatable(v) == FIBER_MT end
+local function is_fiber(v)
+  local mt = getmetatable(v)
+  return mt == FIBER_MT or mt == DONE_MT
+end
 
 local function check_timeout(t, who)
   if t ~= nil and (type(t) ~= "number" or not (t >= 0)) then
@@ -27,12 +31,7 @@ end
 --- Runs fn(...) in a new fiber, started on the next loop turn.
 ---@param fn function
 ---@return userdata the fiber handle (`f:cancel()`, `f:status()`, `f:id()`)
-function M.schedule(fn, ...)
-  if type(fn) ~= "function" then
-    error("fibril.schedule: expected a function, got " .. type(fn), 2)
-  end
-  return spawn(fn, ...)
-end
+M.schedule = spawn
 
 ---@return userdata|nil the running fiber's handle
 M.current = core.current
@@ -75,7 +74,8 @@ end
 ---   await(f, {timeout=s})         -> all of f's results, with a deadline
 function M.await(first, ...)
   local nrest = select("#", ...)
-  if type(first) == "table" and not is_fiber(first) then
+  if nrest == 0 and type(first) == "userdata" then return joined(join(first)) end
+  if type(first) == "table" then
     local opts = ...
     return await_list(first, check_timeout(opts and opts.timeout, "fibril.await"))
   end
