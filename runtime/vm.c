@@ -53,6 +53,8 @@ static const char *find_lua_dir(void) {
   return lua_dir;
 }
 
+const char *fb_vm_lua_dir(void) { return lua_dir; }
+
 static void set_paths(lua_State *L) {
   const char *dir = find_lua_dir();
   lua_getglobal(L, "package");

@@ -14,6 +14,9 @@ void fb_vm_set_arg(lua_State *L, const char *exe, const char *script, int argc, 
 /* Closes the state (finalizing every handle), then the scheduler and the loop. */
 void fb_vm_close(lua_State *L, uv_loop_t *loop);
 
+/* The directory of fibril's own Lua modules (lua/ of the source tree, or the installed one). */
+const char *fb_vm_lua_dir(void);
+
 int luaopen_fibril_core_vm(lua_State *L);
 
 #endif

@@ -47,8 +47,11 @@ local function first_result(ok, v, ...)
   error(v, 0)
 end
 
--- Awaits a list of fibers with one deadline; returns the first result of each, in order.
-local function await_list(list, timeout)
+-- Lua returns at most about 8000 values from one call; past this, await_all's table it is.
+local MAX_RESULT_VALUES = 7000
+
+-- Awaits a list of fibers with one deadline; a table of the first result of each, in order.
+local function await_all(list, timeout)
   local n = #list
   local results = {}
   local deadline = timeout and now() + timeout
@@ -63,6 +66,15 @@ local function await_list(list, timeout)
     end
     results[i] = first_result(ok, v)
   end
+  return results, n
+end
+
+local function await_list(list, timeout)
+  if #list > MAX_RESULT_VALUES then
+    error("fibril.await: " .. #list .. " fibers are too many results to return as values; "
+          .. "use fibril.await_all(list), which returns a table", 3)
+  end
+  local results, n = await_all(list, timeout)
   return unpack(results, 1, n)
 end
 
@@ -88,6 +100,15 @@ function M.await(first, ...)
     return joined(join(first, check_timeout(second.timeout, "fibril.await")))
   end
   return await_list({ first, ... })
+end
+
+--- Like await with a list, but returns a table: results[i] is the first result of list[i].
+---@param list table fibers
+---@param opts table|nil { timeout = s }
+---@return table
+function M.await_all(list, opts)
+  if type(list) ~= "table" then error("fibril.await_all: expected a list of fibers", 2) end
+  return (await_all(list, check_timeout(opts and opts.timeout, "fibril.await_all")))
 end
 
 --- Suspends the calling fiber for s seconds (millisecond resolution; 0 = one loop turn).
