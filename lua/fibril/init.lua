@@ -157,13 +157,13 @@ function M.map(items, fn, opts)
   if type(fn) ~= "function" then error("fibril.map: fn must be a function", 2) end
   opts = opts or {}
   local n = #items
+  local results = {}
+  if n == 0 then return results end
   local concurrency = opts.concurrency or n
   if type(concurrency) ~= "number" or concurrency < 1 then
     error("fibril.map: concurrency must be a positive integer", 2)
   end
   local timeout = check_timeout(opts.timeout, "fibril.map")
-  local results = {}
-  if n == 0 then return results end
   local me = core.current()
   local next_index, running, failure = 0, 0, nil
 
@@ -203,7 +203,7 @@ end
 function M.race(...)
   local list, n = { ... }, select("#", ...)
   local timeout
-  if n > 0 and type(list[n]) == "table" and not is_fiber(list[n]) then
+  if n > 0 and type(list[n]) == "table" and list[n][1] == nil then   -- options, not a list
     timeout = check_timeout(list[n].timeout, "fibril.race")
     list[n] = nil
     n = n - 1
