@@ -32,7 +32,10 @@ typedef enum {
 
 typedef enum { W_NONE, W_SLEEP, W_JOIN, W_PARK, W_OP, W_FOREVER } wait_kind_t;
 
+#define FIBER_MAGIC 0x66696272u   /* "fibr": tells a fiber handle from other userdata */
+
 struct fb_fiber_s {
+  unsigned magic;
   lua_State *co;          /* NULL once nothing on its stack is needed any more */
   int co_ref;             /* anchors co while alive and, once done, its results; unref in
                              fiber_finish() (no results) or fiber_gc() */
@@ -52,6 +55,7 @@ struct fb_fiber_s {
   fb_fiber_t *joiners;    /* fibers awaiting this one, linked through join_next/join_prev */
   fb_fiber_t *join_next, *join_prev;
   uv_timer_t *timer;      /* created on first timed wait; closed in fiber_finish() */
+  fb_fiber_t *live_next, *live_prev;
   fb_fiber_cancel_cb on_cancel;
   void *on_cancel_data;
 };
@@ -68,9 +72,11 @@ static struct {
   int main_finished;
   int exit_requested, exit_code;
   uint64_t next_id;
-  int mt_ref;             /* handle metatable with __gc: live fibers, and results to release */
-  int mt_done_ref;        /* the same without __gc: finished with nothing left to release,
-                             so collecting the handle costs no finalizer call */
+  int mt_ref;             /* handle metatable: no __gc, so collecting a handle that holds
+                             nothing costs no finalizer call */
+  int mt_gc_ref;          /* the same with __gc: set at finish on handles holding results or
+                             an error (refs to release, an unobserved error to report) */
+  fb_fiber_t *live;       /* every live fiber (live_next/live_prev): closed at shutdown */
   size_t live_fibers, live_refs, live_handles;
 } S;
 
@@ -340,20 +346,8 @@ static double opt_timeout(lua_State *L, int idx, const char *who) {
 /* ---- fiber lifecycle ----------------------------------------------------------------- */
 
 static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
-  void *p = lua_touserdata(L, idx);
-  if (p && lua_getmetatable(L, idx)) {       /* stack: mt */
-    int ok;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
-    ok = lua_rawequal(L, -1, -2);
-    lua_pop(L, 1);
-    if (!ok) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_done_ref);
-      ok = lua_rawequal(L, -1, -2);
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-    if (ok) return p;
-  }
+  fb_fiber_t *p = lua_touserdata(L, idx);
+  if (p && lua_objlen(L, idx) == sizeof *p && p->magic == FIBER_MAGIC) return p;
   luaL_error(L, "%s: expected a fiber, got %s", who, luaL_typename(L, idx));
   return NULL;
 }
@@ -365,6 +359,7 @@ static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
 
   f = lua_newuserdata(L, sizeof *f);         /* stack: fn args... ud */
   memset(f, 0, sizeof *f);
+  f->magic = FIBER_MAGIC;
   f->co_ref = f->self_ref = f->err_ref = LUA_NOREF;
   lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setmetatable(L, -2);
@@ -379,6 +374,9 @@ static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
   f->id = ++S.next_id;
   f->nargs = nargs;
   f->state = FS_SCHEDULED;
+  f->live_next = S.live;
+  if (S.live) S.live->live_prev = f;
+  S.live = f;
   S.live_fibers++;
   queue_push(f);
   return f;
@@ -495,9 +493,9 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   }
   if (cancelled) f->err_observed = 1;        /* cancellation is asked for, not a fault */
 
-  if (ok && k == 0) {                        /* nothing left for __gc: drop the finalizer */
+  if (!ok || k > 0) {                        /* refs to release: __gc from now on */
     lua_rawgeti(S.L, LUA_REGISTRYINDEX, f->self_ref);
-    lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.mt_done_ref);
+    lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.mt_gc_ref);
     lua_setmetatable(S.L, -2);
     lua_pop(S.L, 1);
   }
@@ -511,6 +509,10 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
       uv_stop(S.loop);
     }
   }
+  if (f->live_prev) f->live_prev->live_next = f->live_next;
+  else S.live = f->live_next;
+  if (f->live_next) f->live_next->live_prev = f->live_prev;
+  f->live_next = f->live_prev = NULL;
   luaL_unref(S.L, LUA_REGISTRYINDEX, f->self_ref);
   f->self_ref = LUA_NOREF;
   S.live_refs--;
@@ -691,8 +693,8 @@ static int l_fiber_tostring(lua_State *L) {
   return 1;
 }
 
-/* One idempotent release for a handle that Lua no longer reaches: only finished fibers,
- * except at lua_close, when every handle is finalized. */
+/* One idempotent release for a finished fiber's handle that Lua no longer reaches (live
+ * fibers have no __gc: fb_sched_shutdown closes their timers before lua_close). */
 static int l_fiber_gc(lua_State *L) {
   fb_fiber_t *f = check_fiber(L, 1, "__gc");
   if (f->state == FS_FAILED && !f->err_observed) {
@@ -717,7 +719,6 @@ static int l_fiber_gc(lua_State *L) {
     f->err_ref = LUA_NOREF;
     S.live_refs--;
   }
-  timer_close(f);   /* only a live fiber at lua_close still has one */
   return 0;
 }
 
@@ -789,7 +790,7 @@ int luaopen_fibril_core_fiber(lua_State *L) {
   luaL_setfuncs(L, core_funcs, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setfield(L, -2, "fiber_metatable");
-  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_done_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_gc_ref);
   lua_setfield(L, -2, "done_fiber_metatable");
   luaL_getmetatable(L, FB_ERROR_MT);
   lua_setfield(L, -2, "error_metatable");
@@ -825,8 +826,8 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
 
   lua_newtable(L);                           /* stack: methods */
   luaL_setfuncs(L, fiber_methods, 0);
-  S.mt_ref = new_fiber_metatable(L, 1);
-  S.mt_done_ref = new_fiber_metatable(L, 0);
+  S.mt_ref = new_fiber_metatable(L, 0);
+  S.mt_gc_ref = new_fiber_metatable(L, 1);
   lua_pop(L, 1);
   fb_error_init(L);
 }
@@ -843,6 +844,11 @@ int fb_sched_run_main(lua_State *L, int nargs) {
     return 1;
   }
   return S.exit_code;
+}
+
+void fb_sched_shutdown(void) {
+  fb_fiber_t *f;
+  for (f = S.live; f; f = f->live_next) timer_close(f);
 }
 
 static void on_sched_handle_closed(uv_handle_t *h) { (void)h; }

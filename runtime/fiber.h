@@ -22,6 +22,8 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop);
 /* Runs the function on top of L (below it nargs arguments) as the main fiber, then the loop
  * until nothing is pending or fibril.exit() is called. Returns the process exit status. */
 int fb_sched_run_main(lua_State *L, int nargs);
+/* Before lua_close: closes the timers of fibers still alive (they have no __gc). */
+void fb_sched_shutdown(void);
 /* After lua_close: closes the scheduler's own handles and frees its queue. */
 void fb_sched_close(void);
 uv_loop_t *fb_sched_loop(void);

@@ -125,6 +125,7 @@ void fb_vm_set_arg(lua_State *L, const char *exe, const char *script, int argc, 
 }
 
 void fb_vm_close(lua_State *L, uv_loop_t *loop) {
+  fb_sched_shutdown();
   lua_close(L);         /* runs every __gc: handles close, unobserved fiber errors report */
   fb_sched_close();
   if (uv_loop_close(loop) != 0) {
