@@ -2,7 +2,9 @@
  * Only this file calls lua_resume, always from drain() at C-stack depth one: libuv callbacks
  * and wakers push values and enqueue (fb_fiber_ready), the check handle drains the queue.
  * A fiber's handle is a userdata holding its fb_fiber_t; while the fiber is alive the handle
- * is anchored by self_ref, so every pointer to a live fiber (queue, joiners, timer) is valid. */
+ * is anchored by self_ref, so every pointer to a live fiber (queue, joiners, timer) is valid.
+ * Anchors are slots of one table at index 1 of the main state's stack, recycled through a C
+ * free list: two table writes per fiber instead of luaL_ref's bookkeeping inside the table. */
 #include "fiber.h"
 
 #include <lauxlib.h>
@@ -37,10 +39,11 @@ typedef enum { W_NONE, W_SLEEP, W_JOIN, W_PARK, W_OP, W_FOREVER } wait_kind_t;
 struct fb_fiber_s {
   unsigned magic;
   lua_State *co;          /* NULL once nothing on its stack is needed any more */
-  int co_ref;             /* anchors co while alive and, once done, its results; unref in
-                             fiber_finish() (no results) or fiber_gc() */
-  int self_ref;           /* anchors the handle while alive; unref in fiber_finish() only */
-  int err_ref;            /* FS_FAILED: the error object; unref in fiber_gc() only */
+  int co_ref;             /* anchor slot of co while alive and, once done, of its results;
+                             released in fiber_finish() (no results) or fiber_gc() */
+  int self_ref;           /* anchor slot of the handle while alive; released in
+                             fiber_finish() only */
+  int err_ref;            /* FS_FAILED: anchor slot of the error object; fiber_gc() only */
   uint64_t id;
   uint8_t state, wait;
   uint8_t cancel_pending; /* raise "cancelled" at the next suspension point */
@@ -77,8 +80,65 @@ static struct {
   int mt_gc_ref;          /* the same with __gc: set at finish on handles holding results or
                              an error (refs to release, an unobserved error to report) */
   fb_fiber_t *live;       /* every live fiber (live_next/live_prev): closed at shutdown */
+  int *free_slots;        /* anchor slots free for reuse */
+  size_t nfree, free_cap;
+  int max_slot;
+  int anchors_ref;        /* the anchor table in the registry too: lua_close resets S.L's
+                             stack before it runs the finalizers */
+  int closing;            /* set by fb_sched_shutdown: lua_close is next */
   size_t live_fibers, live_refs, live_handles;
 } S;
+
+#define ANCHORS 1          /* stack index of the anchor table in S.L */
+#define NO_SLOT 0
+
+/* Pushes the anchor table on S.L and returns its index there. */
+static int anchors(void) {
+  if (!S.closing) return ANCHORS;
+  lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.anchors_ref);
+  return lua_gettop(S.L);
+}
+
+static void anchors_done(int idx) {
+  if (idx != ANCHORS) lua_remove(S.L, idx);
+}
+
+/* Pops the value on L's top into a free anchor slot and returns the slot. */
+static int anchor(lua_State *L) {
+  int slot = S.nfree ? S.free_slots[--S.nfree] : ++S.max_slot, t;
+  lua_xmove(L, S.L, 1);
+  t = anchors();
+  if (t != ANCHORS) lua_insert(S.L, -2);     /* stack: ... t value */
+  lua_rawseti(S.L, t, slot);
+  anchors_done(t);
+  S.live_refs++;
+  return slot;
+}
+
+static void unanchor(int slot) {
+  int t;
+  if (slot == NO_SLOT) return;
+  t = anchors();
+  lua_pushnil(S.L);
+  lua_rawseti(S.L, t, slot);
+  anchors_done(t);
+  S.live_refs--;
+  if (S.nfree == S.free_cap) {
+    size_t ncap = S.free_cap ? S.free_cap * 2 : 1024;
+    int *n = realloc(S.free_slots, ncap * sizeof *n);
+    if (!n) return;          /* the slot number is lost, not the memory it held */
+    S.free_slots = n;
+    S.free_cap = ncap;
+  }
+  S.free_slots[S.nfree++] = slot;
+}
+
+static void push_anchored(lua_State *L, int slot) {
+  int t = anchors();
+  lua_rawgeti(S.L, t, slot);
+  if (t != ANCHORS) lua_remove(S.L, t);
+  lua_xmove(S.L, L, 1);
+}
 
 static void fiber_finish(fb_fiber_t *f, int ok);
 
@@ -360,15 +420,14 @@ static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
   f = lua_newuserdata(L, sizeof *f);         /* stack: fn args... ud */
   memset(f, 0, sizeof *f);
   f->magic = FIBER_MAGIC;
-  f->co_ref = f->self_ref = f->err_ref = LUA_NOREF;
+  f->co_ref = f->self_ref = f->err_ref = NO_SLOT;
   lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setmetatable(L, -2);
   co = lua_newthread(L);                     /* stack: fn args... ud co */
   f->co = co;
-  f->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  f->co_ref = anchor(L);
   lua_pushvalue(L, -1);
-  f->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  S.live_refs += 2;
+  f->self_ref = anchor(L);
   lua_insert(L, -(nargs + 2));               /* stack: ud fn args... */
   lua_xmove(L, co, nargs + 1);               /* stack: ud */
   f->id = ++S.next_id;
@@ -442,13 +501,12 @@ static int fiber_capture_error(fb_fiber_t *f) {
     lua_rawset(L, -4);
   }
   lua_pop(L, 1);
-  f->err_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  S.live_refs++;
+  f->err_ref = anchor(L);
   return cancelled;
 }
 
 static void report_main_error(fb_fiber_t *f) {
-  lua_rawgeti(S.L, LUA_REGISTRYINDEX, f->err_ref);
+  push_anchored(S.L, f->err_ref);
   fprintf(stderr, "fibril: %s\n", fb_error_describe(S.L, NULL));
   fflush(stderr);
   lua_pop(S.L, 2);
@@ -466,10 +524,9 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
     cancelled = fiber_capture_error(f);
   }
   if (k == 0) {                              /* nothing on its stack is needed any more */
-    luaL_unref(S.L, LUA_REGISTRYINDEX, f->co_ref);
-    f->co_ref = LUA_NOREF;
+    unanchor(f->co_ref);
+    f->co_ref = NO_SLOT;
     f->co = NULL;
-    S.live_refs--;
   }
   timer_close(f);
   f->on_cancel = NULL;
@@ -485,7 +542,7 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
     lua_pushboolean(j->co, ok);
     if (ok) push_results(j->co, f, k);
     else {
-      lua_rawgeti(S.L, LUA_REGISTRYINDEX, f->err_ref);
+      push_anchored(S.L, f->err_ref);
       lua_xmove(S.L, j->co, 1);
       f->err_observed = 1;
     }
@@ -494,7 +551,7 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   if (cancelled) f->err_observed = 1;        /* cancellation is asked for, not a fault */
 
   if (!ok || k > 0) {                        /* refs to release: __gc from now on */
-    lua_rawgeti(S.L, LUA_REGISTRYINDEX, f->self_ref);
+    push_anchored(S.L, f->self_ref);
     lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.mt_gc_ref);
     lua_setmetatable(S.L, -2);
     lua_pop(S.L, 1);
@@ -513,9 +570,8 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   else S.live = f->live_next;
   if (f->live_next) f->live_next->live_prev = f->live_prev;
   f->live_next = f->live_prev = NULL;
-  luaL_unref(S.L, LUA_REGISTRYINDEX, f->self_ref);
-  f->self_ref = LUA_NOREF;
-  S.live_refs--;
+  unanchor(f->self_ref);
+  f->self_ref = NO_SLOT;
   S.live_fibers--;
 }
 
@@ -566,7 +622,7 @@ static int l_spawn(lua_State *L) {
 static int l_current(lua_State *L) {
   fb_fiber_t *f = S.current;
   if (!f || f->co != L) return 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, f->self_ref);
+  push_anchored(L, f->self_ref);
   return 1;
 }
 
@@ -584,7 +640,7 @@ static int l_join(lua_State *L) {
   if (t->state == FS_FAILED) {
     t->err_observed = 1;
     lua_pushboolean(L, 0);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, t->err_ref);
+    push_anchored(L, t->err_ref);
     return 2;
   }
   f = fb_fiber_check(L, "fibril.await");
@@ -670,7 +726,7 @@ static const char *state_names[] = { "scheduled", "ready", "running", "suspended
 static int l_status(lua_State *L) {
   fb_fiber_t *t = check_fiber(L, 1, "fiber:status");
   if (t->state == FS_FAILED) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, t->err_ref);
+    push_anchored(L, t->err_ref);
     lua_getfield(L, -1, "code");
     if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "cancelled") == 0) {
       lua_pushliteral(L, "cancelled");
@@ -702,22 +758,20 @@ static int l_fiber_gc(lua_State *L) {
     size_t len = 0;
     const char *s;
     f->err_observed = 1;
-    lua_rawgeti(S.L, LUA_REGISTRYINDEX, f->err_ref);
+    push_anchored(S.L, f->err_ref);
     s = fb_error_describe(S.L, &len);
     fb_log(FB_ERROR, "fiber", "msg=\"fiber failed and was never awaited\" fiber=%llu err=%s",
            (unsigned long long)f->id, fb_log_quote(msg, sizeof msg, s, len));
     lua_pop(S.L, 2);
   }
-  if (f->co_ref != LUA_NOREF) {
-    luaL_unref(L, LUA_REGISTRYINDEX, f->co_ref);
-    f->co_ref = LUA_NOREF;
+  if (f->co_ref != NO_SLOT) {
+    unanchor(f->co_ref);
+    f->co_ref = NO_SLOT;
     f->co = NULL;
-    S.live_refs--;
   }
-  if (f->err_ref != LUA_NOREF) {
-    luaL_unref(L, LUA_REGISTRYINDEX, f->err_ref);
-    f->err_ref = LUA_NOREF;
-    S.live_refs--;
+  if (f->err_ref != NO_SLOT) {
+    unanchor(f->err_ref);
+    f->err_ref = NO_SLOT;
   }
   return 0;
 }
@@ -818,6 +872,10 @@ static int new_fiber_metatable(lua_State *L, int with_gc) {
 void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   memset(&S, 0, sizeof S);
   S.L = L;
+  lua_newtable(L);                           /* the anchor table, for the state's lifetime */
+  lua_pushvalue(L, -1);
+  S.anchors_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_insert(L, ANCHORS);
   S.loop = loop;
   uv_check_init(loop, &S.check);
   uv_check_start(&S.check, drain);
@@ -836,7 +894,7 @@ int fb_sched_run_main(lua_State *L, int nargs) {
   fb_fiber_t *f = fiber_spawn(L, nargs);
   f->is_main = 1;
   S.main = f;
-  lua_pop(L, 1);                             /* the handle: self_ref anchors it */
+  lua_pop(L, 1);                             /* the handle: its self_ref slot anchors it */
   uv_run(S.loop, UV_RUN_DEFAULT);
   if (!S.exit_requested && !S.main_finished) {
     fprintf(stderr, "fibril: the main fiber is still waiting in %s, but nothing is left that "
@@ -848,6 +906,7 @@ int fb_sched_run_main(lua_State *L, int nargs) {
 
 void fb_sched_shutdown(void) {
   fb_fiber_t *f;
+  S.closing = 1;
   for (f = S.live; f; f = f->live_next) timer_close(f);
 }
 
@@ -859,5 +918,7 @@ void fb_sched_close(void) {
   uv_run(S.loop, UV_RUN_DEFAULT);            /* lets every close callback run */
   free(S.q);
   S.q = NULL;
+  free(S.free_slots);
+  S.free_slots = NULL;
   S.qlen = S.qcap = S.qhead = 0;
 }

@@ -109,6 +109,19 @@ describe("fibril FILE.lua", function()
     assert.matches("stack traceback:", err, 1, true)
   end)
 
+  it("logs an unawaited failure still referenced at exit, when the process ends", function()
+    local status, out, err = support.run_script([[
+      local fibril = require "fibril"
+      KEEP = fibril.schedule(function() error("held until exit") end)
+      fibril.sleep(0.01)
+      print("bye")
+    ]])
+    assert.are.equal(0, status)
+    assert.are.equal("bye\n", out)
+    assert.are.equal(1, support.count(err, "fiber failed and was never awaited"))
+    assert.matches("held until exit", err, 1, true)
+  end)
+
   it("does not log a failed fiber that was awaited, nor a cancelled one", function()
     local status, _, err = support.run_script([[
       local fibril = require "fibril"
