@@ -68,7 +68,7 @@ static struct {
   uv_loop_t *loop;
   uv_check_t check;       /* drains the ready queue after each poll */
   uv_idle_t idle;         /* active while the queue is non-empty, so poll does not block */
-  fb_fiber_t **q;         /* ready queue: ring buffer */
+  fb_fiber_t **q;         /* ready queue: ring buffer, capacity a power of two */
   size_t qhead, qlen, qcap;
   fb_fiber_t *current;
   fb_fiber_t *main;
@@ -154,19 +154,19 @@ static void queue_push(fb_fiber_t *f) {
       fprintf(stderr, "fibril: out of memory growing the ready queue\n");
       abort();
     }
-    for (i = 0; i < S.qlen; i++) nq[i] = S.q[(S.qhead + i) % S.qcap];
+    for (i = 0; i < S.qlen; i++) nq[i] = S.q[(S.qhead + i) & (S.qcap - 1)];
     free(S.q);
     S.q = nq;
     S.qcap = ncap;
     S.qhead = 0;
   }
-  S.q[(S.qhead + S.qlen) % S.qcap] = f;
+  S.q[(S.qhead + S.qlen) & (S.qcap - 1)] = f;
   if (S.qlen++ == 0) uv_idle_start(&S.idle, on_idle);
 }
 
 static fb_fiber_t *queue_pop(void) {
   fb_fiber_t *f = S.q[S.qhead];
-  S.qhead = (S.qhead + 1) % S.qcap;
+  S.qhead = (S.qhead + 1) & (S.qcap - 1);
   S.qlen--;
   return f;
 }
