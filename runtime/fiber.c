@@ -3,8 +3,8 @@
  * and wakers push values and enqueue (fb_fiber_ready), the check handle drains the queue.
  * A fiber's handle is a userdata holding its fb_fiber_t; while the fiber is alive the handle
  * is anchored by self_ref, so every pointer to a live fiber (queue, joiners, timer) is valid.
- * Anchors are slots of one table at index 1 of the main state's stack, recycled through a C
- * free list: two table writes per fiber instead of luaL_ref's bookkeeping inside the table. */
+ * Anchors are slots of one table, recycled through a C free list: one table write each
+ * instead of luaL_ref's free-list bookkeeping inside the registry. */
 #include "fiber.h"
 
 #include <lauxlib.h>
@@ -83,45 +83,31 @@ static struct {
   int *free_slots;        /* anchor slots free for reuse */
   size_t nfree, free_cap;
   int max_slot;
-  int anchors_ref;        /* the anchor table in the registry too: lua_close resets S.L's
-                             stack before it runs the finalizers */
-  int closing;            /* set by fb_sched_shutdown: lua_close is next */
+  int anchors_ref;        /* registry ref of the anchor table */
   size_t live_fibers, live_refs, live_handles;
 } S;
 
-#define ANCHORS 1          /* stack index of the anchor table in S.L */
 #define NO_SLOT 0
 
-/* Pushes the anchor table on S.L and returns its index there. */
-static int anchors(void) {
-  if (!S.closing) return ANCHORS;
-  lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.anchors_ref);
-  return lua_gettop(S.L);
+/* Pushes the anchor table onto L and returns its (absolute) index; the anchor functions take
+ * it so that several operations share one registry lookup. */
+static int anchors_push(lua_State *L) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.anchors_ref);
+  return lua_gettop(L);
 }
 
-static void anchors_done(int idx) {
-  if (idx != ANCHORS) lua_remove(S.L, idx);
-}
-
-/* Pops the value on L's top into a free anchor slot and returns the slot. */
-static int anchor(lua_State *L) {
-  int slot = S.nfree ? S.free_slots[--S.nfree] : ++S.max_slot, t;
-  lua_xmove(L, S.L, 1);
-  t = anchors();
-  if (t != ANCHORS) lua_insert(S.L, -2);     /* stack: ... t value */
-  lua_rawseti(S.L, t, slot);
-  anchors_done(t);
+/* Pops the value on L's top into a free slot of the anchor table at index t. */
+static int anchor(lua_State *L, int t) {
+  int slot = S.nfree ? S.free_slots[--S.nfree] : ++S.max_slot;
+  lua_rawseti(L, t, slot);
   S.live_refs++;
   return slot;
 }
 
-static void unanchor(int slot) {
-  int t;
+static void unanchor(lua_State *L, int t, int slot) {
   if (slot == NO_SLOT) return;
-  t = anchors();
-  lua_pushnil(S.L);
-  lua_rawseti(S.L, t, slot);
-  anchors_done(t);
+  lua_pushnil(L);
+  lua_rawseti(L, t, slot);
   S.live_refs--;
   if (S.nfree == S.free_cap) {
     size_t ncap = S.free_cap ? S.free_cap * 2 : 1024;
@@ -133,11 +119,11 @@ static void unanchor(int slot) {
   S.free_slots[S.nfree++] = slot;
 }
 
+/* Pushes what slot anchors (one lookup of its own). */
 static void push_anchored(lua_State *L, int slot) {
-  int t = anchors();
-  lua_rawgeti(S.L, t, slot);
-  if (t != ANCHORS) lua_remove(S.L, t);
-  lua_xmove(S.L, L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.anchors_ref);
+  lua_rawgeti(L, -1, slot);
+  lua_remove(L, -2);
 }
 
 static void fiber_finish(fb_fiber_t *f, int ok);
@@ -203,7 +189,7 @@ static void wait_detach(fb_fiber_t *f) {
 /* Resumes a suspended fiber early with (nil, err): its wait timed out or it was cancelled. */
 static void fiber_interrupt(fb_fiber_t *f, const char *code) {
   wait_detach(f);
-  lua_checkstack(f->co, 2);
+  lua_checkstack(f->co, 5);                 /* nil, err, and fb_error_push's temporaries */
   lua_pushnil(f->co);
   if (strcmp(code, "timeout") == 0)
     fb_error_push(f->co, "timeout", "%s: timed out after %g s", f->wait_who, f->wait_timeout);
@@ -217,6 +203,7 @@ static void on_timer(uv_timer_t *t) {
   fb_fiber_t *f = t->data;
   if (!f || f->state != FS_SUSPENDED) return;
   if (f->wait == W_SLEEP) {
+    lua_checkstack(f->co, 1);
     lua_pushboolean(f->co, 1);
     fb_fiber_ready(f, 1);
   } else {
@@ -416,6 +403,7 @@ static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
 static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
   fb_fiber_t *f;
   lua_State *co;
+  int t;
 
   f = lua_newuserdata(L, sizeof *f);         /* stack: fn args... ud */
   memset(f, 0, sizeof *f);
@@ -423,11 +411,13 @@ static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
   f->co_ref = f->self_ref = f->err_ref = NO_SLOT;
   lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setmetatable(L, -2);
-  co = lua_newthread(L);                     /* stack: fn args... ud co */
+  t = anchors_push(L);                       /* stack: fn args... ud anchors */
+  co = lua_newthread(L);                     /* stack: fn args... ud anchors co */
   f->co = co;
-  f->co_ref = anchor(L);
-  lua_pushvalue(L, -1);
-  f->self_ref = anchor(L);
+  f->co_ref = anchor(L, t);
+  lua_pushvalue(L, -2);
+  f->self_ref = anchor(L, t);
+  lua_pop(L, 1);                             /* stack: fn args... ud */
   lua_insert(L, -(nargs + 2));               /* stack: ud fn args... */
   lua_xmove(L, co, nargs + 1);               /* stack: ud */
   f->id = ++S.next_id;
@@ -501,7 +491,10 @@ static int fiber_capture_error(fb_fiber_t *f) {
     lua_rawset(L, -4);
   }
   lua_pop(L, 1);
-  f->err_ref = anchor(L);
+  anchors_push(L);                           /* stack: err anchors */
+  lua_insert(L, -2);                         /* stack: anchors err */
+  f->err_ref = anchor(L, lua_gettop(L) - 1);
+  lua_pop(L, 1);
   return cancelled;
 }
 
@@ -514,7 +507,7 @@ static void report_main_error(fb_fiber_t *f) {
 
 static void fiber_finish(fb_fiber_t *f, int ok) {
   fb_fiber_t *j;
-  int k = 0, cancelled = 0;
+  int k = 0, cancelled = 0, t;
 
   if (ok) {
     f->state = FS_DONE;
@@ -523,8 +516,9 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
     f->state = FS_FAILED;
     cancelled = fiber_capture_error(f);
   }
+  t = anchors_push(S.L);                     /* S.L stack: anchors (popped at the end) */
   if (k == 0) {                              /* nothing on its stack is needed any more */
-    unanchor(f->co_ref);
+    unanchor(S.L, t, f->co_ref);
     f->co_ref = NO_SLOT;
     f->co = NULL;
   }
@@ -542,7 +536,7 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
     lua_pushboolean(j->co, ok);
     if (ok) push_results(j->co, f, k);
     else {
-      push_anchored(S.L, f->err_ref);
+      lua_rawgeti(S.L, t, f->err_ref);
       lua_xmove(S.L, j->co, 1);
       f->err_observed = 1;
     }
@@ -551,7 +545,7 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   if (cancelled) f->err_observed = 1;        /* cancellation is asked for, not a fault */
 
   if (!ok || k > 0) {                        /* refs to release: __gc from now on */
-    push_anchored(S.L, f->self_ref);
+    lua_rawgeti(S.L, t, f->self_ref);
     lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.mt_gc_ref);
     lua_setmetatable(S.L, -2);
     lua_pop(S.L, 1);
@@ -570,8 +564,9 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   else S.live = f->live_next;
   if (f->live_next) f->live_next->live_prev = f->live_prev;
   f->live_next = f->live_prev = NULL;
-  unanchor(f->self_ref);
+  unanchor(S.L, t, f->self_ref);
   f->self_ref = NO_SLOT;
+  lua_settop(S.L, t - 1);
   S.live_fibers--;
 }
 
@@ -753,26 +748,23 @@ static int l_fiber_tostring(lua_State *L) {
  * fibers have no __gc: fb_sched_shutdown closes their timers before lua_close). */
 static int l_fiber_gc(lua_State *L) {
   fb_fiber_t *f = check_fiber(L, 1, "__gc");
+  int t;
   if (f->state == FS_FAILED && !f->err_observed) {
     char msg[8192];
     size_t len = 0;
     const char *s;
     f->err_observed = 1;
-    push_anchored(S.L, f->err_ref);
-    s = fb_error_describe(S.L, &len);
+    push_anchored(L, f->err_ref);
+    s = fb_error_describe(L, &len);
     fb_log(FB_ERROR, "fiber", "msg=\"fiber failed and was never awaited\" fiber=%llu err=%s",
            (unsigned long long)f->id, fb_log_quote(msg, sizeof msg, s, len));
-    lua_pop(S.L, 2);
+    lua_pop(L, 2);
   }
-  if (f->co_ref != NO_SLOT) {
-    unanchor(f->co_ref);
-    f->co_ref = NO_SLOT;
-    f->co = NULL;
-  }
-  if (f->err_ref != NO_SLOT) {
-    unanchor(f->err_ref);
-    f->err_ref = NO_SLOT;
-  }
+  t = anchors_push(L);
+  unanchor(L, t, f->co_ref);
+  unanchor(L, t, f->err_ref);
+  f->co_ref = f->err_ref = NO_SLOT;
+  f->co = NULL;
   return 0;
 }
 
@@ -873,9 +865,7 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   memset(&S, 0, sizeof S);
   S.L = L;
   lua_newtable(L);                           /* the anchor table, for the state's lifetime */
-  lua_pushvalue(L, -1);
   S.anchors_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_insert(L, ANCHORS);
   S.loop = loop;
   uv_check_init(loop, &S.check);
   uv_check_start(&S.check, drain);
@@ -906,7 +896,6 @@ int fb_sched_run_main(lua_State *L, int nargs) {
 
 void fb_sched_shutdown(void) {
   fb_fiber_t *f;
-  S.closing = 1;
   for (f = S.live; f; f = f->live_next) timer_close(f);
 }
 

@@ -6,13 +6,13 @@ local channel = require "fibril.channel"
 local semaphore = require "fibril.semaphore"
 local cond = require "fibril.cond"
 
-local type, error, select, getmetatable, unpack, pcall, tostring =
-      type, error, select, getmetatable, unpack, pcall, tostring
+local type, error, select, getmetatable, unpack, pcall =
+      type, error, select, getmetatable, unpack, pcall
 local spawn, join, csleep, park, wake, cancel, now =
       core.spawn, core.join, core.sleep, core.park, core.wake, core.cancel, core.now
 local FIBER_MT, DONE_MT, ERROR_MT =
       core.fiber_metatable, core.done_fiber_metatable, core.error_metatable
-local min, max, huge = math.min, math.max, math.huge
+local min, max = math.min, math.max
 
 local M = {}
 
@@ -42,7 +42,7 @@ local function joined(ok, ...)
   error((...), 0)
 end
 
-local function first_result(ok, v, ...)
+local function first_result(ok, v)
   if ok then return v end
   error(v, 0)
 end

@@ -1,7 +1,7 @@
 --- fibril.semaphore: at most n holders at once; the others wait in FIFO order.
 local waitq = require "fibril.waitq"
 
-local type, error, pcall, select, unpack = type, error, pcall, select, unpack
+local type, error, pcall = type, error, pcall
 
 local Semaphore = {}
 Semaphore.__index = Semaphore
