@@ -143,3 +143,32 @@ describe("fibril FILE.lua", function()
     assert.are.equal("[1,2]\n", out)
   end)
 end)
+
+describe("the build", function()
+  local build_dir = support.fibril:match("^(.*)/[^/]+$")
+
+  it("installs a binary that finds the framework under its own prefix", function()
+    local prefix = support.tmpdir() .. "/prefix"
+    local p = io.popen(("cmake --install '%s' --prefix '%s' >/dev/null 2>&1; echo $?")
+                       :format(build_dir, prefix))
+    local status = tonumber(p:read("*l"))
+    p:close()
+    assert.are.equal(0, status)
+    local script = support.write("where.lua",
+      'print(package.path:match("^[^;]+")); print(require("fibril").now() > 0)')
+    p = io.popen(("cd / && '%s/bin/fibril' '%s' 2>&1"):format(prefix, script))
+    local out = p:read("*a")
+    p:close()
+    assert.are.equal(prefix .. "/share/fibril/lua/?.lua\ntrue\n", out)
+  end)
+
+  it("stops with one line naming the Debian package of a missing dependency", function()
+    local dir = support.tmpdir() .. "/cmake-missing"
+    local p = io.popen(("PKG_CONFIG_LIBDIR=/nonexistent cmake -S '%s' -B '%s' 2>&1")
+                       :format(os.getenv("PWD"), dir))
+    local out = p:read("*a")
+    p:close()
+    assert.matches("fibril: missing dependency 'luajit': install the Debian package", out, 1, true)
+    assert.matches("'libluajit2-5.1-dev'", out, 1, true)
+  end)
+end)

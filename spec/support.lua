@@ -5,12 +5,15 @@ local M = {}
 
 M.fibril = os.getenv("FIBRIL_BIN") or require("fibril.core.vm").executable()
 
-local tmpdir
+local tmpdir, remover
 function M.tmpdir()
   if not tmpdir then
     local p = io.popen("mktemp -d /tmp/fibril-spec.XXXXXX")
     tmpdir = p:read("*l")
     p:close()
+    -- Removed when the Lua state closes (the end of `fibril test`).
+    remover = newproxy(true)
+    getmetatable(remover).__gc = function() os.execute("rm -rf '" .. tmpdir .. "'") end
   end
   return tmpdir
 end
