@@ -346,14 +346,19 @@ void fb_fiber_on_cancel(fb_fiber_t *f, fb_fiber_cancel_cb cb, void *data) {
   f->on_cancel_data = data;
 }
 
+/* Creates the fiber's timer if it has none; raises on OOM, so call it before linking the
+ * fiber into any wait. */
+static void timer_ensure(lua_State *L, fb_fiber_t *f) {
+  if (f->timer) return;
+  f->timer = malloc(sizeof *f->timer);
+  if (!f->timer) luaL_error(L, "%s: out of memory", f->wait_who);
+  uv_timer_init(S.loop, f->timer);
+  S.live_handles++;
+}
+
 static void timer_start(lua_State *L, fb_fiber_t *f, double timeout) {
   double ms = ceil(timeout * 1000.0);
-  if (!f->timer) {
-    f->timer = malloc(sizeof *f->timer);
-    if (!f->timer) luaL_error(L, "%s: out of memory", f->wait_who);
-    uv_timer_init(S.loop, f->timer);
-    S.live_handles++;
-  }
+  timer_ensure(L, f);
   f->timer->data = f;
   f->wait_timeout = timeout;
   /* The loop's clock was read when this turn began; fibers may have run long since, and a
@@ -645,6 +650,7 @@ static int l_join(lua_State *L) {
                     "(through fiber %llu)", (unsigned long long)f->id, (unsigned long long)t->id);
       return lua_error(L);
     }
+  if (timeout >= 0) timer_ensure(L, f);
   f->target = t;
   f->join_prev = NULL;
   f->join_next = t->joiners;
