@@ -405,7 +405,7 @@ static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
 }
 
 /* Creates a fiber from the function below nargs arguments on L's top; pushes its handle. */
-static fb_fiber_t *fiber_spawn(lua_State *L, int nargs) {
+fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
   fb_fiber_t *f;
   lua_State *co;
   int t;
@@ -615,7 +615,7 @@ static void drain(uv_check_t *h) {
 static int l_spawn(lua_State *L) {
   if (lua_type(L, 1) != LUA_TFUNCTION)
     return luaL_error(L, "fibril.schedule: expected a function, got %s", luaL_typename(L, 1));
-  fiber_spawn(L, lua_gettop(L) - 1);
+  fb_fiber_spawn(L, lua_gettop(L) - 1);
   return 1;
 }
 
@@ -887,7 +887,7 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
 }
 
 int fb_sched_run_main(lua_State *L, int nargs) {
-  fb_fiber_t *f = fiber_spawn(L, nargs);
+  fb_fiber_t *f = fb_fiber_spawn(L, nargs);
   f->is_main = 1;
   S.main = f;
   lua_pop(L, 1);                             /* the handle: its self_ref slot anchors it */

@@ -28,6 +28,10 @@ void fb_sched_shutdown(void);
 void fb_sched_close(void);
 uv_loop_t *fb_sched_loop(void);
 
+/* Creates a fiber running the function below nargs arguments on L's top (they are moved into
+ * it) and pushes its handle; it starts on the next loop turn. Callable outside any fiber. */
+fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs);
+
 /* Raises a clear Lua error unless L is the running fiber and may yield here; raises the
  * "cancelled" error when the fiber was cancelled since it last suspended. */
 fb_fiber_t *fb_fiber_check(lua_State *L, const char *who);

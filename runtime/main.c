@@ -13,7 +13,11 @@
 
 static void usage(FILE *out) {
   fprintf(out,
-          "usage: fibril FILE.lua [ARGS...]   run a script as the main fiber, loop included\n"
+          "usage: fibril run APP [--host H] [--port P] [--workers N] [--env E]\n"
+          "                                   serve an app directory over HTTP\n"
+          "       fibril routes APP           print the app's route table\n"
+          "       fibril new NAME             create a new app directory\n"
+          "       fibril FILE.lua [ARGS...]   run a script as the main fiber, loop included\n"
           "       fibril test [PATH...]       run busted specs inside the runtime (default: spec)\n"
           "       fibril version              print the version\n"
           "       fibril help                 print this help\n");
@@ -87,6 +91,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (strcmp(cmd, "test") == 0) return run_module_main(argv[0], "fibril.test", argc - 2, argv + 2);
+  if (strcmp(cmd, "run") == 0 || strcmp(cmd, "routes") == 0 || strcmp(cmd, "new") == 0)
+    return run_module_main(argv[0], "fibril.cli", argc - 1, argv + 1);
   if (ends_with(cmd, ".lua") || strchr(cmd, '/') || stat(cmd, &st) == 0)
     return run_script(argv[0], cmd, argc - 2, argv + 2);
   fprintf(stderr, "fibril: unknown command '%s' (see 'fibril help')\n", cmd);

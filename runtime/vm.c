@@ -12,6 +12,9 @@
 #include <string.h>
 
 #include "fiber.h"
+#include "tcp.h"
+#include "http.h"
+#include "signals.h"
 
 #define SYSTEM_LUA_PATH                                                                  \
   "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;"                   \
@@ -106,7 +109,11 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   set_paths(L);
   preload(L, "fibril.core.vm", luaopen_fibril_core_vm);
   preload(L, "fibril.core.fiber", luaopen_fibril_core_fiber);
+  preload(L, "fibril.core.tcp", luaopen_fibril_core_tcp);
+  preload(L, "fibril.core.http", luaopen_fibril_core_http);
+  preload(L, "fibril.core.signal", luaopen_fibril_core_signal);
   fb_sched_init(L, loop);
+  fb_http_init(L, loop);
   return L;
 }
 
@@ -126,6 +133,7 @@ void fb_vm_set_arg(lua_State *L, const char *exe, const char *script, int argc, 
 
 void fb_vm_close(lua_State *L, uv_loop_t *loop) {
   fb_sched_shutdown();
+  fb_http_shutdown();
   lua_close(L);         /* runs every __gc: handles close, unobserved fiber errors report */
   fb_sched_close();
   if (uv_loop_close(loop) != 0) {

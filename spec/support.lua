@@ -62,4 +62,116 @@ function M.count(haystack, needle)
   end
 end
 
+-- ---- HTTP helpers: a server in this process, raw clients through fibril.tcp ----------------
+
+--- Starts fibril's HTTP server on a free port with handler(req, res); returns server, port.
+function M.http_server(handler, opts)
+  local http = require "fibril.core.http"
+  local o = { host = "127.0.0.1", port = 0, handler = handler, access_log = false }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local srv = assert(http.listen(o))
+  return srv, srv:port()
+end
+
+--- Reads one HTTP response from sock: { status, reason, headers (lowercased), body }.
+--- Handles Content-Length, chunked and close-delimited bodies; `head` skips the body.
+function M.read_response(sock, head)
+  local line = sock:read_line({ timeout = 5 })
+  if not line then return nil end
+  local version, status, reason = line:match("^(HTTP/%d%.%d) (%d%d%d) ?(.*)$")
+  assert(status, "not a status line: " .. line)
+  local headers = {}
+  while true do
+    local h = assert(sock:read_line({ timeout = 5 }))
+    if h == "" then break end
+    local k, v = h:match("^([^:]+):%s*(.*)$")
+    k = k:lower()
+    headers[k] = headers[k] and (headers[k] .. ", " .. v) or v
+  end
+  local res = { version = version, status = tonumber(status), reason = reason, headers = headers }
+  local code = res.status
+  if head or code == 204 or code == 304 or (code >= 100 and code < 200) then
+    res.body = ""
+  elseif headers["transfer-encoding"] == "chunked" then
+    local parts = {}
+    while true do
+      local size = tonumber(assert(sock:read_line({ timeout = 5 })), 16)
+      if size == 0 then assert(sock:read_line({ timeout = 5 }) == "") break end
+      parts[#parts + 1] = sock:read_bytes(size, { timeout = 5 })
+      assert(sock:read_line({ timeout = 5 }) == "")
+    end
+    res.body = table.concat(parts)
+  elseif headers["content-length"] then
+    res.body = sock:read_bytes(tonumber(headers["content-length"]), { timeout = 5 })
+  else
+    res.body = sock:read_all({ timeout = 5 })
+  end
+  return res
+end
+
+--- Opens a connection to 127.0.0.1:port.
+function M.connect(port)
+  return require("fibril.tcp").connect("127.0.0.1", port, { timeout = 5 })
+end
+
+--- Sends raw bytes on a new connection and returns the first response (and the socket).
+function M.raw(port, bytes, head)
+  local sock = M.connect(port)
+  sock:write(bytes)
+  return M.read_response(sock, head), sock
+end
+
+--- Starts `fibril run APP ARGS` as a child process on a free port; returns a handle with
+--- port, pid, log() and stop(signal). Waits until the server says it listens.
+function M.start_app(app_dir, args)
+  local fibril = require "fibril"
+  local log = M.tmpdir() .. "/app-" .. math.random(1e9) .. ".log"
+  local p = io.popen(("%s run '%s' --port 0 %s >%s 2>&1 & echo $!")
+                     :format(M.fibril, app_dir, args or "", log))
+  local pid = tonumber(p:read("*l"))
+  p:close()
+  local handle = { pid = pid }
+  function handle.log()
+    local f = io.open(log)
+    if not f then return "" end
+    local s = f:read("*a")
+    f:close()
+    return s
+  end
+  function handle.stop(sig)
+    os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", pid))
+  end
+  function handle.alive()
+    return os.execute(("kill -0 %d 2>/dev/null"):format(pid)) == 0
+  end
+  function handle.wait_exit(timeout)
+    local deadline = fibril.now() + (timeout or 10)
+    while fibril.now() < deadline do
+      local f = io.popen(("kill -0 %d 2>/dev/null; echo $?"):format(pid))
+      local gone = f:read("*l") ~= "0"
+      f:close()
+      if gone then return true end
+      fibril.sleep(0.02)
+    end
+    return false
+  end
+  local deadline = fibril.now() + 10
+  while fibril.now() < deadline do
+    local port = handle.log():match('url="http://[^:]+:(%d+)"')
+    if port then handle.port = tonumber(port) return handle end
+    if handle.log():match("fibril: ") then break end
+    fibril.sleep(0.02)
+  end
+  handle.stop("KILL")
+  error("app did not start: " .. handle.log())
+end
+
+--- Runs curl with the given arguments; returns its stdout (the body, or what -i/-w add).
+function M.curl(args)
+  local p = io.popen("curl -s --max-time 10 " .. args .. " 2>&1")
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
 return M

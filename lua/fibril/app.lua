@@ -1,0 +1,96 @@
+--- fibril.app: loads an app directory: config/app.lua for the environment, routes.lua, the
+--- controllers the routes name, and APP/lib on package.path. Every boot error names the file
+--- (and line, when Lua knows it) and says what to do.
+local config = require "fibril.config"
+local Router = require "fibril.router"
+local Controller = require "fibril.controller"
+
+local type, error, pcall, loadfile, tostring, ipairs, format =
+      type, error, pcall, loadfile, tostring, ipairs, string.format
+local open = io.open
+
+local M = {}
+
+local function exists(path)
+  local f = open(path, "r")
+  if f then f:close() return true end
+  return false
+end
+
+local function is_dir(path)
+  local f = open(path .. "/.", "r")
+  if f then f:close() return true end
+  return false
+end
+
+-- Raises a boot error: a message for a person, no Lua position prefix.
+local function boot_error(msg) error({ boot = true, message = msg }, 0) end
+
+local function add_paths(dir)
+  local prefix = dir .. "/?.lua;" .. dir .. "/?/init.lua;"
+                 .. dir .. "/lib/?.lua;" .. dir .. "/lib/?/init.lua;"
+  if package.path:sub(1, #prefix) ~= prefix then package.path = prefix .. package.path end
+end
+
+local function load_routes(dir)
+  local file = dir .. "/routes.lua"
+  if not exists(file) then boot_error("no routes.lua in " .. dir .. " (an app needs one)") end
+  local chunk, err = loadfile(file)
+  if not chunk then boot_error(err) end
+  local ok, fn = pcall(chunk)
+  if not ok then boot_error(tostring(fn)) end
+  if type(fn) ~= "function" then
+    boot_error(file .. ": must return function(r) ... end, got " .. type(fn))
+  end
+  local ok2, router = pcall(Router.load, fn)
+  if not ok2 then boot_error(tostring(router)) end
+  return router
+end
+
+-- require with the error turned into a boot error naming the file.
+local function load_controller(dir, name)
+  local module = "controllers." .. name
+  local file = dir .. "/controllers/" .. name:gsub("%.", "/") .. ".lua"
+  if not exists(file) then
+    boot_error(format("%s/routes.lua names controller '%s' but %s does not exist", dir, name, file))
+  end
+  local ok, C = pcall(require, module)
+  if not ok then boot_error(tostring(C)) end
+  if type(C) ~= "table" then
+    boot_error(format("%s: must return a controller (Controller:extend()), got %s", file, type(C)))
+  end
+  if not C.name then C.name = name end
+  return C
+end
+
+--- Loads the app at dir for env; overrides are command-line settings ({ port = 4000 }).
+---@return table app { dir, env, config, router, controllers, public }
+function M.load(dir, env, overrides)
+  if type(dir) ~= "string" or not is_dir(dir) then
+    boot_error(format("no app directory at '%s'", tostring(dir)))
+  end
+  dir = dir:gsub("/+$", "")
+  add_paths(dir)
+  local ok, cfg = pcall(config.load, dir, env or "development", overrides)
+  if not ok then boot_error(tostring(cfg)) end
+  local router = load_routes(dir)
+  local controllers = {}
+  for _, route in ipairs(router:routes()) do
+    local name = route.controller
+    if name and not controllers[name] then controllers[name] = load_controller(dir, name) end
+    if name and not Controller.has_action(controllers[name], route.action) then
+      boot_error(format("%s/routes.lua: %s %s -> %s, but controllers/%s.lua has no action '%s'",
+                        dir, route.method, route.path, route.target, name, route.action))
+    end
+  end
+  local public = dir .. "/public"
+  return {
+    dir = dir, env = cfg.env, config = cfg, router = router, controllers = controllers,
+    public = is_dir(public) and public or nil,
+  }
+end
+
+--- True when err came from M.load (a message for a person, without a traceback).
+function M.is_boot_error(err) return type(err) == "table" and err.boot == true end
+
+return M

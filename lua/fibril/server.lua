@@ -1,0 +1,104 @@
+--- fibril.server: serves an app over HTTP: each request in its own fiber, routed, given to
+--- its controller, errors turned into 500s; SIGTERM/SIGINT drain the server.
+local core_http = require "fibril.core.http"
+local signal = require "fibril.core.signal"
+local fibril = require "fibril"
+local Controller = require "fibril.controller"
+
+local tostring, xpcall, pairs, concat, format, os_getenv =
+      tostring, xpcall, pairs, table.concat, string.format, os.getenv
+local stderr = io.stderr
+
+local M = {}
+
+local function log(level, msg, fields)
+  local parts = { "ts=" .. os.date("!%Y-%m-%dT%H:%M:%SZ"), "level=" .. level, "sub=server",
+                  format("msg=%q", msg) }
+  for k, v in pairs(fields or {}) do parts[#parts + 1] = k .. "=" .. format("%q", tostring(v)) end
+  stderr:write((concat(parts, " "):gsub("\\\n", "\\n")), "\n")
+end
+M.log = log
+
+local TEXT = { ["Content-Type"] = "text/plain" }
+
+local function plain(res, status, body, headers)
+  res:send(status, headers or TEXT, body)
+end
+
+--- The function given to the HTTP server: handler(req, res), run in a fiber per request.
+---@param app table from fibril.app.load
+---@return function
+function M.handler(app)
+  local router, controllers = app.router, app.controllers
+  local development = app.env == "development" or app.env == "test"
+
+  local function serve(req, res)
+    local route, params, allowed = router:match(req.method, req.path)
+    if not route then
+      if params == 405 then
+        local allow = concat(allowed, ", ")
+        return plain(res, 405, "Method Not Allowed\n", { ["Content-Type"] = "text/plain", Allow = allow })
+      end
+      return plain(res, 404, "Not Found\n")
+    end
+    if route.handler then return route.handler(req, res, params) end
+    local out = Controller.dispatch(controllers[route.controller], route.action, req, params,
+                                    route.controller)
+    return res:send(out.status, out.headers, out.body)
+  end
+
+  return function(req, res)
+    local ok, err = xpcall(serve, Controller.with_traceback, req, res)
+    if ok then return end
+    log("error", "request failed", { req = req.id, method = req.method, path = req.path,
+                                     err = tostring(err) })
+    if res:started() then
+      return                                         -- nothing sane to add to a half response
+    end
+    if development then
+      plain(res, 500, format("Internal Server Error (request %s)\n\n%s\n", req.id, tostring(err)))
+    else
+      plain(res, 500, format("Internal Server Error (request %s)\n", req.id))
+    end
+  end
+end
+
+--- Listens for app with its config's http settings; returns the core server object.
+---@return userdata server
+function M.listen(app, handler)
+  local cfg, http = app.config, app.config.http
+  local server, err = core_http.listen{
+    host = cfg.host, port = cfg.port, handler = handler or M.handler(app),
+    reuseport = cfg.workers > 1, access_log = cfg.log.access ~= false,
+    max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
+    max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
+    body_timeout = http.body_timeout, keepalive_timeout = http.keepalive_timeout,
+    max_connections = http.max_connections, write_high_water = http.write_high_water,
+  }
+  if not server then error(err, 0) end
+  return server
+end
+
+--- Waits for SIGTERM or SIGINT, then drains: stops accepting, lets requests in flight finish
+--- for up to drain_timeout seconds, and returns.
+function M.drain_on_signal(app, server)
+  local name = signal.wait("SIGTERM", "SIGINT")
+  local deadline = fibril.now() + app.config.http.drain_timeout
+  log("info", "draining", { signal = name, connections = server:connections() })
+  server:close()
+  while server:connections() > 0 and fibril.now() < deadline do fibril.sleep(0.02) end
+  if server:connections() > 0 then
+    log("warn", "drain timeout: closing connections still open", { connections = server:connections() })
+  end
+end
+
+--- Runs the app in this process until a signal drains it. Returns the exit status.
+function M.run(app)
+  local server = M.listen(app)
+  log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
+                             env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main" })
+  M.drain_on_signal(app, server)
+  return 0
+end
+
+return M

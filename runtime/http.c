@@ -1,0 +1,649 @@
+/* http.c: the HTTP/1.1 server: listening, accepting, parsing requests with llhttp within the
+ * configured limits, and handing each complete request to a new fiber as handler(req, res).
+ * One request per connection is in flight at a time: parsing pauses at the end of a request
+ * and resumes when its response is done, so pipelined responses leave in request order. */
+#include "http.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "error.h"
+#include "http_conn.h"
+#include "log.h"
+
+#define SERVER_MT "fibril.http.server"
+#define READ_CHUNK 65536
+
+static struct {
+  lua_State *L;
+  uv_loop_t *loop;
+  llhttp_settings_t settings;
+  uint64_t next_request;
+  char id_prefix[9];
+  size_t live_conns;
+} H;
+
+typedef struct { fb_http_server_t *srv; } server_box_t;
+
+static void parse(fb_http_conn_t *c, const char *data, size_t len);
+
+/* ---- connection lifecycle ------------------------------------------------------------ */
+
+static void on_conn_handle_closed(uv_handle_t *h) {
+  fb_http_conn_t *c = h->data;
+  if (--c->closes > 0) return;
+  fb_buf_free(&c->head);
+  fb_buf_free(&c->body);
+  fb_buf_free(&c->pending);
+  free(c);
+  H.live_conns--;
+}
+
+static void server_maybe_free(fb_http_server_t *srv);
+
+void fb_http_conn_close(fb_http_conn_t *c) {
+  fb_http_server_t *srv = c->srv;
+  if (c->state == CS_CLOSING && c->closes) return;
+  c->state = CS_CLOSING;
+  if (c->res_box) {
+    *(fb_http_conn_t **)c->res_box = NULL;   /* the handler's res object now reports closed */
+    c->res_box = NULL;
+  }
+  if (c->write_waiter) {
+    fb_fiber_t *f = c->write_waiter;
+    c->write_waiter = NULL;
+    lua_pushnil(fb_fiber_thread(f));
+    lua_pushliteral(fb_fiber_thread(f), "closed");
+    fb_fiber_ready(f, 2);
+  }
+  if (c->prev) c->prev->next = c->next;
+  else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->next = c->prev = NULL;
+  srv->nconns--;
+  c->closes = 2;
+  uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+  server_maybe_free(srv);
+}
+
+static void on_timeout(uv_timer_t *t) {
+  fb_http_conn_t *c = t->data;
+  switch (c->state) {
+  case CS_IDLE:                    /* an idle keep-alive connection: just close */
+    fb_http_conn_close(c);
+    break;
+  case CS_HEAD:
+  case CS_BODY:
+    fb_log(FB_WARN, "http", "conn=%u reason=%s status=408", c->id,
+           c->state == CS_HEAD ? "header_timeout" : "body_timeout");
+    fb_http_send_error(c, 408);
+    break;
+  default:
+    break;
+  }
+}
+
+static void arm_timer(fb_http_conn_t *c, uint64_t ms) {
+  if (ms == 0) uv_timer_stop(&c->timer);
+  else uv_timer_start(&c->timer, on_timeout, ms, 0);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  /* One buffer serves every connection: a read is parsed or copied before the next one. */
+  static char chunk[READ_CHUNK];
+  (void)h;
+  (void)suggested;
+  buf->base = chunk;
+  buf->len = sizeof chunk;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  fb_http_conn_t *c = s->data;
+  if (nread == 0) return;
+  if (nread < 0) {
+    c->peer_eof = 1;
+    uv_read_stop(s);
+    c->reading = 0;
+    if (c->state != CS_DISPATCHED) fb_http_conn_close(c);
+    return;
+  }
+  if (c->state == CS_DISPATCHED) {
+    /* Pipelined bytes wait for their turn. Past max_header_bytes of them reading stops (TCP
+     * backpressure); pending's max leaves room for the one read that crossed the line. */
+    fb_buf_append(&c->pending, buf->base, (size_t)nread);
+    if (c->pending.len > c->srv->limits.max_header_bytes) {
+      uv_read_stop(s);
+      c->reading = 0;
+    }
+    return;
+  }
+  if (c->state == CS_CLOSING) return;
+  parse(c, buf->base, (size_t)nread);
+}
+
+static void start_reading(fb_http_conn_t *c) {
+  if (c->reading || c->peer_eof || c->state == CS_CLOSING) return;
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+static void on_connection(uv_stream_t *ls, int status) {
+  fb_http_server_t *srv = ls->data;
+  fb_http_conn_t *c;
+  if (status < 0) {
+    fb_log(FB_WARN, "http", "reason=accept_failed err=%s", uv_strerror(status));
+    return;
+  }
+  c = calloc(1, sizeof *c);
+  if (!c) return;                  /* the connection stays in the backlog */
+  uv_tcp_init(H.loop, &c->tcp);
+  if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0) {
+    c->closes = 1;
+    c->timer.data = c;
+    c->tcp.data = c;
+    uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+    H.live_conns++;
+    return;
+  }
+  H.live_conns++;
+  uv_tcp_nodelay(&c->tcp, 1);
+  uv_timer_init(H.loop, &c->timer);
+  c->tcp.data = c->timer.data = c;
+  c->srv = srv;
+  c->id = ++srv->next_conn_id;
+  c->next = srv->conns;
+  if (srv->conns) srv->conns->prev = c;
+  srv->conns = c;
+  srv->nconns++;
+  fb_buf_init(&c->head, srv->limits.max_header_bytes);
+  fb_buf_init(&c->body, srv->limits.max_body_bytes);
+  fb_buf_init(&c->pending, srv->limits.max_header_bytes + 2 * READ_CHUNK);
+  llhttp_init(&c->parser, HTTP_REQUEST, &H.settings);
+  c->parser.data = c;
+  c->state = CS_IDLE;
+  if (srv->nconns > srv->limits.max_connections || srv->draining) {
+    fb_log(FB_WARN, "http", "conn=%u reason=%s status=503", c->id,
+           srv->draining ? "draining" : "max_connections");
+    fb_http_send_error(c, 503);
+    return;
+  }
+  arm_timer(c, srv->limits.header_timeout_ms);
+  start_reading(c);
+}
+
+/* ---- parsing ------------------------------------------------------------------------- */
+
+/* A limit was hit inside an llhttp callback: remember the status, stop the parser. */
+static int fail(fb_http_conn_t *c, int status, const char *reason) {
+  c->status = status;
+  fb_log(FB_WARN, "http", "conn=%u reason=%s status=%d", c->id, reason, status);
+  return HPE_USER;
+}
+
+static int on_message_begin(llhttp_t *p) {
+  fb_http_conn_t *c = p->data;
+  fb_buf_reset(&c->head);
+  fb_buf_reset(&c->body);
+  c->url_len = 0;
+  c->nheaders = 0;
+  c->last_was_value = 0;
+  c->expect_continue = 0;
+  c->status = 0;
+  c->state = CS_HEAD;
+  c->started_ns = uv_hrtime();
+  arm_timer(c, c->srv->limits.header_timeout_ms);
+  return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  fb_http_conn_t *c = p->data;
+  if (len > c->srv->limits.max_url_bytes - c->url_len) return fail(c, 414, "url_too_long");
+  if (fb_buf_append(&c->head, at, len) != 0) return fail(c, 431, "header_too_large");
+  c->url_len += len;
+  return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  fb_http_conn_t *c = p->data;
+  if (c->nheaders == 0 || c->last_was_value) {
+    header_span_t *h;
+    if (c->nheaders == FB_HTTP_MAX_HEADERS) return fail(c, 431, "too_many_headers");
+    h = &c->headers[c->nheaders++];
+    h->name_off = (uint32_t)c->head.len;
+    h->name_len = h->value_len = 0;
+    h->value_off = 0;
+    c->last_was_value = 0;
+  }
+  if (fb_buf_append(&c->head, at, len) != 0) return fail(c, 431, "header_too_large");
+  c->headers[c->nheaders - 1].name_len += (uint32_t)len;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  fb_http_conn_t *c = p->data;
+  header_span_t *h = &c->headers[c->nheaders - 1];
+  /* Never a line end inside a value (obs-fold is refused before parsing, see below). */
+  if (memchr(at, '\n', len) || memchr(at, '\r', len)) {
+    fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=obs_fold", c->id);
+    c->status = 400;
+    return HPE_USER;
+  }
+  if (!c->last_was_value) {
+    h->value_off = (uint32_t)c->head.len;
+    c->last_was_value = 1;
+  }
+  if (fb_buf_append(&c->head, at, len) != 0) return fail(c, 431, "header_too_large");
+  h->value_len += (uint32_t)len;
+  return 0;
+}
+
+/* llhttp (8.x) takes a bare LF as a line end and unfolds an obs-fold (CRLF then SP or HT) even
+ * in strict mode; a front proxy that reads either differently is a smuggling vector, so a head
+ * with one is refused. Scans only up to the blank line that ends the head (CRLF CRLF),
+ * carrying its state over from the previous read. Returns the reason, or NULL. */
+static const char *bad_line_end_in_head(fb_http_conn_t *c, const char *data, size_t len) {
+  size_t i;
+  for (i = 0; i < len && c->head_scan != 4; i++) {
+    char ch = data[i];
+    if (ch == '\n' && c->scan_prev != '\r') return "bare_lf";
+    if ((ch == ' ' || ch == '\t') && c->head_scan == 2) return "obs_fold";
+    /* head_scan counts the bytes of CR LF CR LF seen so far */
+    if (ch == (c->head_scan % 2 == 0 ? '\r' : '\n')) c->head_scan++;
+    else c->head_scan = ch == '\r' ? 1 : 0;
+    c->scan_prev = ch;
+  }
+  return NULL;
+}
+
+static int header_is(fb_http_conn_t *c, header_span_t *h, const char *name) {
+  size_t n = strlen(name);
+  return h->name_len == n && strncasecmp(c->head.data + h->name_off, name, n) == 0;
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  fb_http_conn_t *c = p->data;
+  fb_http_limits_t *lim = &c->srv->limits;
+  int i, has_body = (p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
+    return fail(c, 413, "body_too_large");
+  snprintf(c->method, sizeof c->method, "%s", llhttp_method_name((llhttp_method_t)p->method));
+  c->http10 = p->http_major == 1 && p->http_minor == 0;
+  c->head_only = p->method == HTTP_HEAD;
+  for (i = 0; i < c->nheaders; i++) {
+    header_span_t *h = &c->headers[i];
+    if (header_is(c, h, "expect")) {
+      if (h->value_len == 12 && strncasecmp(c->head.data + h->value_off, "100-continue", 12) == 0)
+        c->expect_continue = 1;
+      else
+        return fail(c, 417, "bad_expect");
+    }
+  }
+  if (has_body) {
+    if (c->expect_continue && !c->http10) {
+      static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+      fb_http_write(c, cont, sizeof cont - 1, NULL, 0);
+    }
+    c->state = CS_BODY;
+    arm_timer(c, lim->body_timeout_ms);
+  }
+  return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len) {
+  fb_http_conn_t *c = p->data;
+  if (fb_buf_append(&c->body, at, len) != 0) return fail(c, 413, "body_too_large");
+  arm_timer(c, c->srv->limits.body_timeout_ms);    /* idle time, so re-armed per chunk */
+  return 0;
+}
+
+/* Request ids: X-Request-Id when it is short and plain, else a process prefix + counter. */
+static void set_request_id(fb_http_conn_t *c) {
+  int i;
+  for (i = 0; i < c->nheaders; i++) {
+    header_span_t *h = &c->headers[i];
+    if (header_is(c, h, "x-request-id") && h->value_len > 0 && h->value_len < sizeof c->request_id) {
+      const char *v = c->head.data + h->value_off;
+      uint32_t k;
+      for (k = 0; k < h->value_len; k++)
+        if (!(isalnum((unsigned char)v[k]) || v[k] == '-' || v[k] == '_' || v[k] == '.')) break;
+      if (k == h->value_len) {
+        memcpy(c->request_id, v, k);
+        c->request_id[k] = '\0';
+        return;
+      }
+    }
+  }
+  snprintf(c->request_id, sizeof c->request_id, "%s%08llx", H.id_prefix,
+           (unsigned long long)++H.next_request);
+}
+
+/* Builds req (a table) and res (a userdata) and spawns handler(req, res) in a new fiber. */
+static void dispatch(fb_http_conn_t *c) {
+  lua_State *L = H.L;
+  const char *url = c->head.data, *q;
+  size_t path_len;
+  int i;
+
+  set_request_id(c);
+  q = memchr(url, '?', c->url_len);
+  path_len = q ? (size_t)(q - url) : c->url_len;
+  snprintf(c->path_log, sizeof c->path_log, "%.*s", (int)(path_len < 200 ? path_len : 200), url);
+  c->keep_alive = llhttp_should_keep_alive(&c->parser);
+  c->chunked = c->head_sent = c->res_done = 0;
+  c->bytes_sent = 0;
+  c->status = 0;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->handler_ref);
+  lua_createtable(L, 0, 8);                  /* stack: handler req */
+  lua_pushstring(L, c->method);
+  lua_setfield(L, -2, "method");
+  lua_pushlstring(L, url, path_len);
+  lua_setfield(L, -2, "path");
+  if (q) {
+    lua_pushlstring(L, q + 1, c->url_len - path_len - 1);
+    lua_setfield(L, -2, "query");
+  }
+  lua_pushlstring(L, url, c->url_len);
+  lua_setfield(L, -2, "target");
+  lua_pushstring(L, c->http10 ? "1.0" : "1.1");
+  lua_setfield(L, -2, "version");
+  lua_pushstring(L, c->request_id);
+  lua_setfield(L, -2, "id");
+  lua_createtable(L, 0, c->nheaders);        /* stack: handler req headers */
+  for (i = 0; i < c->nheaders; i++) {
+    header_span_t *h = &c->headers[i];
+    char *name = c->head.data + h->name_off;
+    uint32_t k;
+    for (k = 0; k < h->name_len; k++) name[k] = (char)tolower((unsigned char)name[k]);
+    lua_pushlstring(L, name, h->name_len);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);                       /* stack: ... headers name previous */
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, c->head.data + h->value_off, h->value_len);
+    } else {                                 /* repeated header: join, as RFC 9110 allows */
+      lua_pushstring(L, h->name_len == 6 && memcmp(name, "cookie", 6) == 0 ? "; " : ", ");
+      lua_pushlstring(L, c->head.data + h->value_off, h->value_len);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, -3);
+  }
+  lua_setfield(L, -2, "headers");
+  lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
+  lua_setfield(L, -2, "body");
+  fb_http_push_response(L, c);               /* stack: handler req res */
+  fb_fiber_spawn(L, 2);
+  lua_pop(L, 1);                             /* the fiber handle */
+  if (c->body.cap > 65536) fb_buf_free(&c->body);   /* do not keep a big body per connection */
+}
+
+static int on_message_complete(llhttp_t *p) {
+  fb_http_conn_t *c = p->data;
+  c->state = CS_DISPATCHED;
+  uv_timer_stop(&c->timer);
+  dispatch(c);
+  return HPE_PAUSED;                         /* the next request waits for this response */
+}
+
+static void parse(fb_http_conn_t *c, const char *data, size_t len) {
+  llhttp_errno_t err;
+  if (c->state == CS_IDLE) {
+    c->head_scan = 0;
+    c->scan_prev = '\n';            /* a request may start right away */
+  }
+  if (c->state == CS_IDLE || c->state == CS_HEAD) {
+    const char *bad = bad_line_end_in_head(c, data, len);
+    if (bad) {
+      fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=%s", c->id, bad);
+      fb_http_send_error(c, 400);
+      return;
+    }
+  }
+  err = llhttp_execute(&c->parser, data, len);
+  if (err == HPE_OK) return;
+  if (err == HPE_PAUSED) {
+    const char *pos = llhttp_get_error_pos(&c->parser);
+    size_t used = pos ? (size_t)(pos - data) : len;
+    if (used < len && fb_buf_append(&c->pending, data + used, len - used) != 0) {
+      fb_log(FB_WARN, "http", "conn=%u reason=pipeline_limit status=431", c->id);
+      c->keep_alive = 0;             /* answer what we have, then close */
+    }
+    return;
+  }
+  if (c->status) {                   /* a limit hit in one of our callbacks */
+    fb_http_send_error(c, c->status);
+    return;
+  }
+  fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=%s", c->id,
+         llhttp_errno_name(err));
+  fb_http_send_error(c, 400);
+}
+
+void fb_http_request_done(fb_http_conn_t *c) {
+  fb_buf_t pending;
+  if (c->srv->access_log) fb_http_access_log(c);
+  if (c->res_box) {
+    *(fb_http_conn_t **)c->res_box = NULL;
+    c->res_box = NULL;
+  }
+  if (!c->keep_alive || c->srv->draining || (c->peer_eof && c->pending.len == 0)) {
+    c->state = CS_CLOSING;           /* closed once the response has left (http_write.c) */
+    if (c->write_queued == 0) fb_http_conn_close(c);
+    return;
+  }
+  c->state = CS_IDLE;
+  arm_timer(c, c->srv->limits.keepalive_timeout_ms);
+  llhttp_resume(&c->parser);
+  if (c->pending.len) {
+    /* Parse what arrived meanwhile; parse() may pause again and keep a new remainder. */
+    pending = c->pending;
+    fb_buf_init(&c->pending, pending.max);
+    parse(c, pending.data, pending.len);
+    fb_buf_free(&pending);
+  }
+  if (c->peer_eof && (c->state == CS_IDLE || c->state == CS_HEAD || c->state == CS_BODY)) {
+    fb_http_conn_close(c);           /* the client left; nothing complete is left to answer */
+    return;
+  }
+  start_reading(c);
+}
+
+/* ---- the server object --------------------------------------------------------------- */
+
+static void on_server_closed(uv_handle_t *h) {
+  fb_http_server_t *srv = h->data;
+  srv->listening = -1;               /* closed; freed when its last connection goes */
+  server_maybe_free(srv);
+}
+
+static void server_maybe_free(fb_http_server_t *srv) {
+  if (srv->listening != -1 || srv->nconns > 0) return;
+  if (srv->box) ((server_box_t *)srv->box)->srv = NULL;
+  if (srv->handler_ref != LUA_NOREF) luaL_unref(H.L, LUA_REGISTRYINDEX, srv->handler_ref);
+  free(srv);
+}
+
+/* Stops accepting; idle connections close now, busy ones after their response. */
+static void server_close(fb_http_server_t *srv) {
+  fb_http_conn_t *c, *next;
+  if (srv->draining) return;
+  srv->draining = 1;
+  for (c = srv->conns; c; c = next) {
+    next = c->next;
+    if (c->state == CS_IDLE) fb_http_conn_close(c);
+  }
+  if (srv->listening == 1) {
+    srv->listening = 0;
+    uv_close((uv_handle_t *)&srv->tcp, on_server_closed);
+  }
+}
+
+static fb_http_server_t *check_server(lua_State *L) {
+  server_box_t *b = luaL_checkudata(L, 1, SERVER_MT);
+  if (!b->srv) luaL_error(L, "http: server is closed");
+  return b->srv;
+}
+
+/* connections() stays valid while a closed server drains; 0 once it is gone. */
+static int l_server_connections(lua_State *L) {
+  server_box_t *b = luaL_checkudata(L, 1, SERVER_MT);
+  lua_pushinteger(L, b->srv ? (lua_Integer)b->srv->nconns : 0);
+  return 1;
+}
+
+static int l_server_gc(lua_State *L) {
+  server_box_t *b = luaL_checkudata(L, 1, SERVER_MT);
+  if (b->srv) {
+    b->srv->box = NULL;
+    server_close(b->srv);
+    b->srv = NULL;
+  }
+  return 0;
+}
+
+static size_t opt_size(lua_State *L, int t, const char *key, size_t dflt) {
+  size_t v;
+  lua_getfield(L, t, key);
+  v = lua_isnumber(L, -1) ? (size_t)lua_tonumber(L, -1) : dflt;
+  lua_pop(L, 1);
+  return v;
+}
+
+/* listen{ host, port, handler, reuseport, backlog, access_log, <limits in bytes/seconds> }
+ * -> server | nil, message */
+static int l_listen(lua_State *L) {
+  struct sockaddr_storage addr;
+  fb_http_server_t *srv;
+  server_box_t *box;
+  const char *host;
+  int port, r, fd;
+  char where[128];
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_getfield(L, 1, "host");
+  host = luaL_optstring(L, -1, "127.0.0.1");
+  lua_pop(L, 1);                             /* host stays valid: the table holds it */
+  port = (int)opt_size(L, 1, "port", 3000);
+  snprintf(where, sizeof where, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&addr) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "http: bad host '%s' (give an IPv4 or IPv6 address)", host);
+    return 2;
+  }
+  lua_getfield(L, 1, "handler");
+  luaL_argcheck(L, lua_isfunction(L, -1), 1, "handler must be a function");
+  srv = calloc(1, sizeof *srv);
+  if (!srv) return luaL_error(L, "http: out of memory");
+  srv->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  srv->limits.max_header_bytes = opt_size(L, 1, "max_header_bytes", 16384);
+  srv->limits.max_body_bytes = opt_size(L, 1, "max_body_bytes", 1048576);
+  srv->limits.max_url_bytes = opt_size(L, 1, "max_url_bytes", 8192);
+  srv->limits.write_high_water = opt_size(L, 1, "write_high_water", 262144);
+  srv->limits.max_connections = (unsigned)opt_size(L, 1, "max_connections", 10000);
+  lua_getfield(L, 1, "header_timeout");
+  srv->limits.header_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 10) * 1000);
+  lua_getfield(L, 1, "body_timeout");
+  srv->limits.body_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
+  lua_getfield(L, 1, "keepalive_timeout");
+  srv->limits.keepalive_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 5) * 1000);
+  lua_pop(L, 3);
+  lua_getfield(L, 1, "access_log");
+  srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
+  lua_pop(L, 1);
+
+  uv_tcp_init_ex(H.loop, &srv->tcp, addr.ss_family);
+  srv->tcp.data = srv;
+  lua_getfield(L, 1, "reuseport");
+  if (lua_toboolean(L, -1) && uv_fileno((uv_handle_t *)&srv->tcp, &fd) == 0) {
+    int one = 1;                     /* workers share the port: the kernel spreads accepts */
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  }
+  lua_pop(L, 1);
+  r = uv_tcp_bind(&srv->tcp, (struct sockaddr *)&addr, 0);
+  if (r == 0) r = uv_listen((uv_stream_t *)&srv->tcp, (int)opt_size(L, 1, "backlog", 511),
+                            on_connection);
+  if (r != 0) {
+    srv->listening = 0;
+    uv_close((uv_handle_t *)&srv->tcp, on_server_closed);
+    lua_pushnil(L);
+    lua_pushfstring(L, "http: cannot listen on %s: %s", where,
+                    r == UV_EADDRINUSE ? "address already in use" : uv_strerror(r));
+    return 2;
+  }
+  srv->listening = 1;
+  box = lua_newuserdata(L, sizeof *box);
+  box->srv = srv;
+  srv->box = box;
+  luaL_getmetatable(L, SERVER_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+static int l_server_port(lua_State *L) {
+  fb_http_server_t *srv = check_server(L);
+  struct sockaddr_storage a;
+  int n = sizeof a;
+  if (uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&a, &n) != 0) return 0;
+  lua_pushinteger(L, ntohs(a.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&a)->sin6_port
+                                                   : ((struct sockaddr_in *)&a)->sin_port));
+  return 1;
+}
+
+static int l_server_close(lua_State *L) {
+  server_box_t *b = luaL_checkudata(L, 1, SERVER_MT);
+  if (b->srv) server_close(b->srv);
+  return 0;
+}
+
+static int l_live(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)H.live_conns);
+  return 1;
+}
+
+static const luaL_Reg server_methods[] = {
+  { "port", l_server_port },
+  { "connections", l_server_connections },
+  { "close", l_server_close },
+  { NULL, NULL }
+};
+
+int luaopen_fibril_core_http(lua_State *L) {
+  static const luaL_Reg funcs[] = { { "listen", l_listen }, { "live", l_live }, { NULL, NULL } };
+  if (luaL_newmetatable(L, SERVER_MT)) {
+    lua_newtable(L);
+    luaL_setfuncs(L, server_methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_server_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  lua_newtable(L);
+  luaL_setfuncs(L, funcs, 0);
+  luaopen_fibril_core_http_response(L);
+  lua_setfield(L, -2, "response");
+  return 1;
+}
+
+void fb_http_shutdown(void) { fb_http_write_shutdown(); }
+
+void fb_http_init(lua_State *L, uv_loop_t *loop) {
+  H.L = L;
+  H.loop = loop;
+  llhttp_settings_init(&H.settings);
+  H.settings.on_message_begin = on_message_begin;
+  H.settings.on_url = on_url;
+  H.settings.on_header_field = on_header_field;
+  H.settings.on_header_value = on_header_value;
+  H.settings.on_headers_complete = on_headers_complete;
+  H.settings.on_body = on_body;
+  H.settings.on_message_complete = on_message_complete;
+  snprintf(H.id_prefix, sizeof H.id_prefix, "%08x",
+           (unsigned)(uv_hrtime() ^ (uint64_t)uv_os_getpid() << 16));
+  fb_http_write_init(loop);
+}

@@ -1,0 +1,102 @@
+/* http_conn.h: the HTTP server's connection, shared by http.c (accepting, parsing, limits,
+ * dispatch) and http_write.c (responses, backpressure, access log). Not for other files. */
+#ifndef FB_HTTP_CONN_H
+#define FB_HTTP_CONN_H
+
+#include <llhttp.h>
+#include <lua.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "fiber.h"
+
+#define FB_HTTP_MAX_HEADERS 100
+
+typedef struct fb_http_server_s fb_http_server_t;
+typedef struct fb_http_conn_s fb_http_conn_t;
+
+typedef struct {
+  size_t max_header_bytes, max_body_bytes, max_url_bytes, write_high_water;
+  uint64_t header_timeout_ms, body_timeout_ms, keepalive_timeout_ms;
+  unsigned max_connections;
+} fb_http_limits_t;
+
+struct fb_http_server_s {
+  uv_tcp_t tcp;             /* the listener; the struct is freed in its close callback */
+  fb_http_limits_t limits;
+  int handler_ref;          /* registry: the Lua function called as handler(req, res) */
+  int access_log;           /* write one line per request to stdout */
+  unsigned nconns, next_conn_id;
+  fb_http_conn_t *conns;    /* every open connection (next/prev), for drain and close */
+  int listening, draining;
+  void *box;                /* the Lua userdata that points here; NULLed on close */
+};
+
+typedef enum {
+  CS_IDLE,        /* between requests: keep-alive timer armed */
+  CS_HEAD,        /* reading a request head: header timer armed */
+  CS_BODY,        /* reading a body: body timer (idle) armed */
+  CS_DISPATCHED,  /* the handler fiber owns the request; parsing paused */
+  CS_CLOSING
+} conn_state_t;
+
+typedef struct {
+  uint32_t name_off, name_len, value_off, value_len;
+} header_span_t;
+
+struct fb_http_conn_s {
+  uv_tcp_t tcp;             /* first: the handle's pointer is the connection's */
+  uv_timer_t timer;         /* header, body or keep-alive timeout, whichever applies */
+  llhttp_t parser;
+  fb_http_server_t *srv;
+  fb_http_conn_t *next, *prev;
+  unsigned id;
+  int closes;               /* handles still to close before the struct is freed */
+  conn_state_t state;
+  int reading;              /* uv_read_start is on */
+  int peer_eof;             /* the client half-closed or left */
+
+  /* The request being parsed: url and header names/values packed in head. */
+  fb_buf_t head;
+  size_t url_len;
+  header_span_t headers[FB_HTTP_MAX_HEADERS];
+  int nheaders;
+  int last_was_value;       /* llhttp may split a field or value over several callbacks */
+  int head_scan;            /* bytes of the CRLF CRLF that ends the head seen (bare LF check) */
+  char scan_prev;
+  fb_buf_t body;
+  int expect_continue;
+  fb_buf_t pending;         /* bytes read but not parsed yet (after the current request) */
+
+  /* The response to the current request (http_write.c). */
+  int keep_alive, head_only, http10, chunked, head_sent, res_done;
+  int status;
+  uint64_t started_ns;
+  size_t bytes_sent;        /* body bytes, for the access log */
+  size_t write_queued;      /* bytes handed to uv_write and not yet written */
+  fb_fiber_t *write_waiter; /* a fiber suspended in res:write until the queue drains */
+  void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
+  char request_id[64];
+  char method[24];
+  char path_log[256];       /* the start of the path, for the access log */
+};
+
+/* http.c */
+void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the close callbacks */
+/* The response is complete: log it, then read the next request or close. */
+void fb_http_request_done(fb_http_conn_t *c);
+
+/* http_write.c */
+int fb_http_write(fb_http_conn_t *c, const char *p1, size_t n1, const char *p2, size_t n2);
+/* Sends a complete error response (400, 408, 413, 414, 431, 503...) and closes after it. */
+void fb_http_send_error(fb_http_conn_t *c, int status);
+void fb_http_access_log(fb_http_conn_t *c);
+void fb_http_log_flush(void);
+void fb_http_write_init(uv_loop_t *loop);
+void fb_http_write_shutdown(void);
+const char *fb_http_reason(int status);
+int luaopen_fibril_core_http_response(lua_State *L);
+void fb_http_push_response(lua_State *L, fb_http_conn_t *c);   /* pushes a new res userdata */
+
+#endif

@@ -1,0 +1,478 @@
+/* http_write.c: HTTP responses: the head, whole and chunked bodies, error responses, write
+ * backpressure (a writer suspends while more than write_high_water bytes are unsent) and the
+ * access log. Writes try the socket first and copy only what the kernel did not take. */
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+
+#include "error.h"
+#include "http_conn.h"
+#include "log.h"
+
+#define RES_MT "fibril.http.response"
+
+typedef struct { fb_http_conn_t *c; } res_box_t;
+
+typedef struct {
+  uv_write_t req;
+  fb_http_conn_t *c;
+  size_t len;
+  char data[];          /* the unwritten bytes; freed in on_written, even on error */
+} write_req_t;
+
+static struct {
+  uv_loop_t *loop;
+  char date[64];        /* "Date: ...\r\n", rebuilt once per second */
+  time_t date_at;
+  char log_ts[32];      /* "2026-11-25T10:04:05", rebuilt once per second */
+  time_t log_ts_at;
+  char log[65536];      /* access log lines not yet written to stdout */
+  size_t log_len;
+  uv_timer_t log_timer;  /* flushes the access log; started with the first line */
+  int log_timer_on;
+} W;
+
+const char *fb_http_reason(int status) {
+  switch (status) {
+  case 100: return "Continue";
+  case 200: return "OK";
+  case 201: return "Created";
+  case 202: return "Accepted";
+  case 204: return "No Content";
+  case 206: return "Partial Content";
+  case 301: return "Moved Permanently";
+  case 302: return "Found";
+  case 303: return "See Other";
+  case 304: return "Not Modified";
+  case 307: return "Temporary Redirect";
+  case 308: return "Permanent Redirect";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 406: return "Not Acceptable";
+  case 408: return "Request Timeout";
+  case 409: return "Conflict";
+  case 410: return "Gone";
+  case 411: return "Length Required";
+  case 412: return "Precondition Failed";
+  case 413: return "Content Too Large";
+  case 414: return "URI Too Long";
+  case 415: return "Unsupported Media Type";
+  case 416: return "Range Not Satisfiable";
+  case 417: return "Expectation Failed";
+  case 422: return "Unprocessable Content";
+  case 429: return "Too Many Requests";
+  case 431: return "Request Header Fields Too Large";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return "Unknown";
+  }
+}
+
+static const char *date_header(void) {
+  time_t now = time(NULL);
+  if (now != W.date_at) {
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(W.date, sizeof W.date, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+    W.date_at = now;
+  }
+  return W.date;
+}
+
+/* ---- writing ------------------------------------------------------------------------- */
+
+static void on_written(uv_write_t *req, int status) {
+  write_req_t *w = (write_req_t *)req;
+  fb_http_conn_t *c = w->c;
+  c->write_queued -= w->len;
+  free(w);
+  if (status < 0) {
+    fb_http_conn_close(c);
+    return;
+  }
+  if (c->write_waiter && c->write_queued <= c->srv->limits.write_high_water / 2) {
+    fb_fiber_t *f = c->write_waiter;
+    c->write_waiter = NULL;
+    lua_pushboolean(fb_fiber_thread(f), 1);
+    fb_fiber_ready(f, 1);
+  }
+  if (c->state == CS_CLOSING && c->write_queued == 0) fb_http_conn_close(c);
+}
+
+/* Writes bufs in order: straight to the socket when it takes them, the rest copied into one
+ * queued write. Returns 0, or -1 when the connection is closing or out of memory. */
+static int writev_bufs(fb_http_conn_t *c, uv_buf_t *bufs, int n) {
+  size_t total = 0, done = 0, off = 0;
+  write_req_t *w;
+  int i, r;
+  if (c->closes) return -1;
+  for (i = 0; i < n; i++) total += bufs[i].len;
+  if (total == 0) return 0;
+  r = uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)n);
+  if (r > 0) done = (size_t)r;
+  else if (r != UV_EAGAIN && r != UV_ENOSYS) {
+    fb_http_conn_close(c);
+    return -1;
+  }
+  if (done == total) return 0;
+  w = malloc(sizeof *w + (total - done));
+  if (!w) {
+    fb_http_conn_close(c);
+    return -1;
+  }
+  for (i = 0; i < n; i++) {          /* copy what the kernel did not take */
+    size_t len = bufs[i].len, skip = done > len ? len : done;
+    done -= skip;
+    memcpy(w->data + off, bufs[i].base + skip, len - skip);
+    off += len - skip;
+  }
+  w->c = c;
+  w->len = off;
+  c->write_queued += off;
+  uv_buf_t b = uv_buf_init(w->data, (unsigned)off);
+  if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written) != 0) {
+    c->write_queued -= off;
+    free(w);
+    fb_http_conn_close(c);
+    return -1;
+  }
+  return 0;
+}
+
+int fb_http_write(fb_http_conn_t *c, const char *p1, size_t n1, const char *p2, size_t n2) {
+  uv_buf_t b[2];
+  b[0] = uv_buf_init((char *)p1, (unsigned)n1);
+  b[1] = uv_buf_init((char *)(p2 ? p2 : ""), (unsigned)n2);
+  return writev_bufs(c, b, p2 ? 2 : 1);
+}
+
+void fb_http_send_error(fb_http_conn_t *c, int status) {
+  char head[512];
+  const char *reason = fb_http_reason(status);
+  int n = snprintf(head, sizeof head,
+                   "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+                   "Connection: close\r\n\r\n%s\n",
+                   status, reason, date_header(), strlen(reason) + 1, reason);
+  uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+  uv_timer_stop(&c->timer);
+  c->status = status;
+  c->state = CS_CLOSING;
+  if (fb_http_write(c, head, (size_t)n, NULL, 0) == 0 && c->write_queued == 0)
+    fb_http_conn_close(c);
+}
+
+/* ---- the response head --------------------------------------------------------------- */
+
+static int valid_header_text(const char *s, size_t n, int is_name) {
+  size_t i;
+  if (is_name && n == 0) return 0;
+  for (i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch == '\r' || ch == '\n' || ch == 0) return 0;
+    if (is_name && (ch <= ' ' || ch == ':' || ch >= 0x7f)) return 0;
+  }
+  return 1;
+}
+
+static int add_header(lua_State *L, luaL_Buffer *b, fb_http_conn_t *c, int vidx) {
+  size_t nlen, vlen;
+  const char *name = lua_tolstring(L, -2, &nlen), *value;
+  if (lua_type(L, -2) != LUA_TSTRING || !valid_header_text(name, nlen, 1))
+    return luaL_error(L, "http: invalid response header name");
+  /* Framing is the server's: these are computed, never taken from the app. */
+  if ((nlen == 14 && strncasecmp(name, "content-length", 14) == 0) ||
+      (nlen == 17 && strncasecmp(name, "transfer-encoding", 17) == 0))
+    return 0;
+  if (lua_type(L, vidx) != LUA_TSTRING && lua_type(L, vidx) != LUA_TNUMBER)
+    return luaL_error(L, "http: response header '%s' must be a string", name);
+  value = lua_tolstring(L, vidx, &vlen);
+  if (!valid_header_text(value, vlen, 0))
+    return luaL_error(L, "http: response header '%s' contains CR, LF or NUL", name);
+  if (nlen == 10 && strncasecmp(name, "connection", 10) == 0) {
+    if (vlen == 5 && strncasecmp(value, "close", 5) == 0) c->keep_alive = 0;
+    return 0;
+  }
+  luaL_addlstring(b, name, nlen);
+  luaL_addlstring(b, ": ", 2);
+  luaL_addlstring(b, value, vlen);
+  luaL_addlstring(b, "\r\n", 2);
+  return 0;
+}
+
+/* Pushes the response head for status and the headers table at hidx; body_len < 0 means a
+ * streamed body (chunked on HTTP/1.1, close-delimited on HTTP/1.0). */
+static void push_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, long long body_len) {
+  luaL_Buffer b;
+  char line[160];
+  int n, no_body = status < 200 || status == 204 || status == 304;
+
+  luaL_buffinit(L, &b);
+  n = snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, fb_http_reason(status));
+  luaL_addlstring(&b, line, (size_t)n);
+  luaL_addstring(&b, date_header());
+  if (lua_istable(L, hidx)) {
+    lua_pushnil(L);
+    while (lua_next(L, hidx)) {        /* stack: ... key value */
+      if (lua_istable(L, -1)) {        /* a list: one header line per value (Set-Cookie) */
+        int i, len = (int)lua_objlen(L, -1);
+        for (i = 1; i <= len; i++) {
+          lua_rawgeti(L, -1, i);
+          lua_pushvalue(L, -3);        /* stack: key list value key */
+          lua_insert(L, -2);           /* stack: key list key value */
+          add_header(L, &b, c, lua_gettop(L));
+          lua_pop(L, 2);
+        }
+      } else {
+        add_header(L, &b, c, lua_gettop(L));
+      }
+      lua_pop(L, 1);
+    }
+  }
+  if (body_len >= 0) {
+    if (!no_body) {
+      n = snprintf(line, sizeof line, "Content-Length: %lld\r\n", body_len);
+      luaL_addlstring(&b, line, (size_t)n);
+    }
+  } else if (c->http10) {
+    c->keep_alive = 0;                 /* the end of the body is the end of the connection */
+  } else if (!no_body) {
+    c->chunked = 1;
+    luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
+  }
+  if (!c->keep_alive) luaL_addstring(&b, "Connection: close\r\n");
+  else if (c->http10) luaL_addstring(&b, "Connection: keep-alive\r\n");
+  n = snprintf(line, sizeof line, "X-Request-Id: %s\r\n\r\n", c->request_id);
+  luaL_addlstring(&b, line, (size_t)n);
+  luaL_pushresult(&b);
+}
+
+/* ---- the Lua response object --------------------------------------------------------- */
+
+void fb_http_push_response(lua_State *L, fb_http_conn_t *c) {
+  res_box_t *box = lua_newuserdata(L, sizeof *box);
+  box->c = c;
+  c->res_box = box;
+  luaL_getmetatable(L, RES_MT);
+  lua_setmetatable(L, -2);
+}
+
+static fb_http_conn_t *check_res(lua_State *L) {
+  res_box_t *box = luaL_checkudata(L, 1, RES_MT);
+  return box->c;
+}
+
+static int closed(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "closed");
+  return 2;
+}
+
+static int check_status(lua_State *L, int idx) {
+  int status = (int)luaL_checkinteger(L, idx);
+  if (status < 100 || status > 999) luaL_error(L, "http: invalid status %d", status);
+  return status;
+}
+
+/* res:send(status, headers, body) -> true | nil, "closed": the whole response at once. */
+static int l_res_send(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  int status = check_status(L, 2);
+  size_t blen = 0, hlen;
+  const char *body = luaL_optlstring(L, 4, "", &blen), *head;
+  if (!c) return closed(L);
+  if (c->head_sent) return luaL_error(L, "http: response already started");
+  push_head(L, c, status, 3, (long long)blen);
+  head = lua_tolstring(L, -1, &hlen);
+  c->status = status;
+  c->head_sent = c->res_done = 1;
+  if (c->head_only || status < 200 || status == 204 || status == 304) blen = 0;
+  c->bytes_sent = blen;
+  if (fb_http_write(c, head, hlen, body, blen) != 0) return closed(L);
+  fb_http_request_done(c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* res:start(status, headers): sends the head of a streamed response. */
+static int l_res_start(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  int status = check_status(L, 2);
+  size_t hlen;
+  const char *head;
+  if (!c) return closed(L);
+  if (c->head_sent) return luaL_error(L, "http: response already started");
+  push_head(L, c, status, 3, -1);
+  head = lua_tolstring(L, -1, &hlen);
+  c->status = status;
+  c->head_sent = 1;
+  if (fb_http_write(c, head, hlen, NULL, 0) != 0) return closed(L);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void write_cancel(fb_fiber_t *f, void *data) {
+  fb_http_conn_t *c = data;
+  (void)f;
+  c->write_waiter = NULL;
+}
+
+/* res:write(chunk) -> true | nil, "closed"; suspends while too much is unsent. */
+static int l_res_write(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  if (!c) return closed(L);
+  if (!c->head_sent) return luaL_error(L, "http: res:write before res:start");
+  if (c->res_done) return luaL_error(L, "http: res:write after the response ended");
+  if (len > 0 && !c->head_only) {
+    int r;
+    c->bytes_sent += len;
+    if (c->chunked) {
+      char size[24];
+      uv_buf_t b[3];
+      int n = snprintf(size, sizeof size, "%zx\r\n", len);
+      b[0] = uv_buf_init(size, (unsigned)n);
+      b[1] = uv_buf_init((char *)data, (unsigned)len);
+      b[2] = uv_buf_init("\r\n", 2);
+      r = writev_bufs(c, b, 3);
+    } else {
+      r = fb_http_write(c, data, len, NULL, 0);
+    }
+    if (r != 0) return closed(L);
+  }
+  if (c->write_queued > c->srv->limits.write_high_water) {
+    fb_fiber_t *f = fb_fiber_check(L, "res:write");
+    c->write_waiter = f;
+    fb_fiber_on_cancel(f, write_cancel, c);
+    return fb_fiber_suspend(L, f, -1);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* res:finish(): ends a streamed response. */
+static int l_res_finish(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  if (!c) return closed(L);
+  if (!c->head_sent) return luaL_error(L, "http: res:finish before res:start");
+  if (c->res_done) return luaL_error(L, "http: response already ended");
+  c->res_done = 1;
+  if (c->chunked && !c->head_only && fb_http_write(c, "0\r\n\r\n", 5, NULL, 0) != 0)
+    return closed(L);
+  fb_http_request_done(c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_res_closed(lua_State *L) {
+  lua_pushboolean(L, check_res(L) == NULL);
+  return 1;
+}
+
+static int l_res_started(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  lua_pushboolean(L, c == NULL || c->head_sent);
+  return 1;
+}
+
+static int l_res_remote(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  struct sockaddr_storage a;
+  char ip[64];
+  int n = sizeof a, port;
+  if (!c || uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&a, &n) != 0) return 0;
+  if (a.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&a, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in6 *)&a)->sin6_port);
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&a, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in *)&a)->sin_port);
+  }
+  lua_pushstring(L, ip);
+  lua_pushinteger(L, port);
+  return 2;
+}
+
+int luaopen_fibril_core_http_response(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    { "send", l_res_send }, { "start", l_res_start }, { "write", l_res_write },
+    { "finish", l_res_finish }, { "closed", l_res_closed }, { "started", l_res_started },
+    { "remote", l_res_remote }, { NULL, NULL }
+  };
+  if (luaL_newmetatable(L, RES_MT)) {
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+  }
+  return 1;                            /* the metatable: fibril/server.lua may extend it */
+}
+
+/* ---- access log ---------------------------------------------------------------------- */
+
+void fb_http_log_flush(void) {
+  size_t off = 0;
+  while (off < W.log_len) {
+    ssize_t n = fwrite(W.log + off, 1, W.log_len - off, stdout);
+    if (n <= 0) break;
+    off += (size_t)n;
+  }
+  fflush(stdout);
+  W.log_len = 0;
+}
+
+static void on_log_timer(uv_timer_t *t) {
+  (void)t;
+  if (W.log_len) fb_http_log_flush();
+}
+
+void fb_http_access_log(fb_http_conn_t *c) {
+  struct timeval tv;
+  char path[300], line[640];
+  double ms = (double)(uv_hrtime() - c->started_ns) / 1e6;
+  int n;
+  gettimeofday(&tv, NULL);
+  if (tv.tv_sec != W.log_ts_at) {
+    struct tm tm;
+    gmtime_r(&tv.tv_sec, &tm);
+    strftime(W.log_ts, sizeof W.log_ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    W.log_ts_at = tv.tv_sec;
+  }
+  fb_log_quote(path, sizeof path, c->path_log, strlen(c->path_log));
+  n = snprintf(line, sizeof line,
+               "ts=%s.%03dZ level=info sub=http method=%s path=%s status=%d bytes=%zu ms=%.3f "
+               "req=%s\n", W.log_ts, (int)(tv.tv_usec / 1000), c->method, path, c->status,
+               c->bytes_sent, ms, c->request_id);
+  if (n <= 0) return;
+  if ((size_t)n > sizeof line - 1) n = sizeof line - 1;
+  if (!W.log_timer_on) {
+    uv_timer_init(W.loop, &W.log_timer);
+    uv_timer_start(&W.log_timer, on_log_timer, 100, 100);  /* lines reach stdout within 0.1 s */
+    uv_unref((uv_handle_t *)&W.log_timer);
+    W.log_timer_on = 1;
+  }
+  if (W.log_len + (size_t)n > sizeof W.log) fb_http_log_flush();
+  memcpy(W.log + W.log_len, line, (size_t)n);
+  W.log_len += (size_t)n;
+}
+
+void fb_http_write_init(uv_loop_t *loop) {
+  W.loop = loop;
+}
+
+void fb_http_write_shutdown(void) {
+  if (W.log_len) fb_http_log_flush();
+  if (W.log_timer_on) {
+    uv_close((uv_handle_t *)&W.log_timer, NULL);
+    W.log_timer_on = 0;
+  }
+}
