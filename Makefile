@@ -29,7 +29,7 @@ test: deps
 
 run: deps
 	@$(MAKE) --no-print-directory build
-	$(BUILD)/fibril examples/fanout.lua
+	$(BUILD)/fibril run apps/hello
 
 bench: deps
 	@$(MAKE) --no-print-directory build

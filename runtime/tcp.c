@@ -188,7 +188,7 @@ static void consume(fb_tcp_t *t, size_t n) {
 /* Pushes onto L what a read in this mode yields now, and returns how many values: the
  * data, nil at EOF, or nil, msg, code. Returns 0 when the reader has to wait. */
 static int read_try(fb_tcp_t *t, lua_State *L, read_mode_t mode, size_t want) {
-  const char *p = t->rbuf + t->rstart;
+  const char *p = t->rbuf ? t->rbuf + t->rstart : "";   /* no buffer until bytes come */
   lua_checkstack(L, 3);
   switch (mode) {
   case R_CHUNK:
@@ -696,18 +696,12 @@ static int l_tcp_shutdown(lua_State *L) {
 static int l_tcp_close(lua_State *L) {
   box_t *box = luaL_checkudata(L, 1, TCP_MT);
   fb_tcp_t *t = box->t;
+  fb_fiber_t *f;
   if (!t) return 0;
   box->t = NULL;
-  if (t->reader) {
-    fb_fiber_t *f = t->reader;
-    t->reader = NULL;
-    resume_error(f, "connection is closed", "closed");
-  }
-  if (t->shutter) {
-    fb_fiber_t *f = t->shutter;
-    t->shutter = NULL;
-    resume_error(f, "connection is closed", "closed");
-  }
+  if ((f = t->reader) != NULL) resume_error(f, "connection is closed", "closed");
+  if ((f = t->shutter) != NULL) resume_error(f, "connection is closed", "closed");
+  t->reader = t->shutter = NULL;
   writers_wake(t, UV_ECANCELED, "connection is closed", "closed");
   tcp_close_handle(t);
   return 0;
@@ -770,9 +764,12 @@ static const luaL_Reg tcp_funcs[] = {
 };
 
 int luaopen_fibril_core_tcp(lua_State *L) {
-  if (luaL_newmetatable(L, TCP_MT)) {        /* stack: mt */
-    lua_newtable(L);
-    luaL_setfuncs(L, tcp_methods, 0);
+  lua_newtable(L);                           /* stack: module */
+  luaL_setfuncs(L, tcp_funcs, 0);
+  lua_newtable(L);                           /* stack: module methods */
+  luaL_setfuncs(L, tcp_methods, 0);
+  if (luaL_newmetatable(L, TCP_MT)) {        /* stack: module methods mt */
+    lua_pushvalue(L, -2);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, l_tcp_close);
     lua_setfield(L, -2, "__gc");
@@ -786,11 +783,7 @@ int luaopen_fibril_core_tcp(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "fibril.tcp.sentinel");
   }
   lua_pop(L, 1);
-  lua_newtable(L);
-  luaL_setfuncs(L, tcp_funcs, 0);
-  lua_newtable(L);                           /* the methods, for lua/fibril/tcp.lua */
-  luaL_setfuncs(L, tcp_methods, 0);
-  lua_setfield(L, -2, "methods");
+  lua_setfield(L, -2, "methods");            /* for lua/fibril/tcp.lua */
   lua_pushnumber(L, TCP_READ_MAX);
   lua_setfield(L, -2, "READ_LIMIT");
   lua_pushnumber(L, TCP_HIGH_WATER);

@@ -302,13 +302,14 @@ describe("config.load errors in config/app.lua", function()
     assert.are.equal("config: 'redis' must be a table, got string in " .. path, err)
   end)
 
-  it("rejects a port number outside 1..65535 or not whole", function()
-    for _, v in ipairs({ "0", "65536", "-1", "80.5" }) do
+  it("rejects a port number outside 0..65535 or not whole", function()
+    for _, v in ipairs({ "65536", "-1", "80.5" }) do
       local err, path = load_error("return { development = { port = " .. v .. " } }")
-      assert.are.equal("config: 'port' must be an integer from 1 to 65535, got " .. v
+      assert.are.equal("config: 'port' must be an integer from 0 to 65535, got " .. v
                        .. " in " .. path, err)
     end
     assert.are.equal(65535, config.load((app("return { development = { port = 65535 } }"))).port)
+    assert.are.equal(0, config.load((app("return { development = { port = 0 } }"))).port)
   end)
 
   it("rejects sizes, counts and timeouts that are not positive", function()
@@ -372,7 +373,7 @@ describe("config.load errors in config/app.lua", function()
     local dir = app("return {}")
     local ok, err = pcall(config.load, dir, "development", { port = 70000 })
     assert.is_false(ok)
-    assert.are.equal("config: 'port' must be an integer from 1 to 65535, got 70000 "
+    assert.are.equal("config: 'port' must be an integer from 0 to 65535, got 70000 "
                      .. "in command-line flags", err)
     ok, err = pcall(config.load, dir, "development", { worker = 2 })
     assert.are.equal("config: unknown key 'worker' in command-line flags (did you mean 'workers'?)", err)

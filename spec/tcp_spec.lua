@@ -368,6 +368,32 @@ describe("fibril.tcp", function()
     done()
   end)
 
+  it("holds back a peer that sends while nobody reads, then delivers every byte", function()
+    local port, done = peer("sendn:4000000")
+    local sock = connect(port)
+    fibril.sleep(0.1)
+    assert.is_true(sock:stats().buffered <= 128 * 1024, "buffered " .. sock:stats().buffered)
+    assert.are.equal(4000000, #sock:read_all())
+    sock:close()
+    done()
+  end)
+
+  it("lets several fibers wait to write past the mark; every byte arrives", function()
+    local port, done = peer("rcvbuf:65536", "count:65536:0.001")
+    local sock = connect(port, { write_high_water = 32 * 1024 })
+    local chunk = string.rep("w", 48 * 1024)
+    local writers = {}
+    for i = 1, 3 do
+      writers[i] = fibril.schedule(function() for _ = 1, 20 do sock:write(chunk) end end)
+    end
+    fibril.await(writers[1], writers[2], writers[3])
+    sock:shutdown()
+    assert.are.equal(tostring(3 * 20 * #chunk), sock:read_all({ timeout = 20 }))
+    assert.has_error(function() sock:write("more") end, "tcp: cannot write after shutdown")
+    sock:close()
+    done()
+  end)
+
   it("stops at the read limit: a line or a body past it raises code 'limit'", function()
     local port, done = peer("sendn:100000", "send:\\n", "eof")
     local sock = connect(port, { read_limit = 4096 })
@@ -397,7 +423,7 @@ describe("fibril.tcp", function()
     }) do
       local ok, err = pcall(call)
       assert.is_false(ok)
-      assert.matches("tcp: connection is closed", err, 1, true)
+      assert.matches("tcp_spec%.lua:%d+: tcp: connection is closed$", err)  -- names the caller
     end
     done()
   end)
@@ -425,6 +451,9 @@ describe("fibril.tcp", function()
     assert.has_error(function() tcp.connect("127.0.0.1", 80, { timeout = -1 }) end)
     assert.has_error(function() tcp.connect("127.0.0.1", 80, { read_limit = 32 * 1024 * 1024 }) end)
     assert.has_error(function() tcp.connect("a\0b", 80) end)
+    local ok, err = coroutine.wrap(function() return pcall(tcp.connect, "127.0.0.1", 9) end)()
+    assert.is_false(ok)
+    assert.matches("coroutine that fibril does not schedule", err, 1, true)
   end)
 
   it("leaves no handle or request behind", function()

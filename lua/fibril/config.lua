@@ -22,8 +22,8 @@ local function non_negative_integer(v)
   if not (integer(v) and v >= 0) then return "an integer >= 0" end
 end
 
-local function port_number(v)
-  if not (integer(v) and v >= 1 and v <= 65535) then return "an integer from 1 to 65535" end
+local function port_number(v)   -- 0: any free port (tests, --workers picks one for all)
+  if not (integer(v) and v >= 0 and v <= 65535) then return "an integer from 0 to 65535" end
 end
 
 local function seconds(v)   -- NaN and inf fail too: every timeout is a real deadline

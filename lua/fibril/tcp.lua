@@ -25,8 +25,7 @@ local Socket = {}
 Socket.__index = Socket
 
 -- Codes that mean the peer went away: reported as "connection closed".
-local CLOSED = { EPIPE = true, ECONNRESET = true, ENOTCONN = true, ECONNABORTED = true,
-                 closed = true }
+local CLOSED = { EPIPE = true, ECONNRESET = true, ENOTCONN = true, ECONNABORTED = true }
 
 -- Raises for a failed call: msg is C's (nil, msg, code) message, or the scheduler's error
 -- object for a timeout or a cancel. what names the operation ("read", "connect").
@@ -40,7 +39,7 @@ local function raise(where, what, msg, code)
   msg = tostring(msg)
   if code == "closed" and msg == "connection is closed" then
     msg = "tcp: connection is closed (" .. where .. ")"
-  elseif CLOSED[code] and code ~= "closed" then
+  elseif CLOSED[code] then
     msg = "tcp: connection closed (" .. where .. ": " .. msg .. ")"
   else
     msg = "tcp: " .. msg .. " (" .. where .. ")"
@@ -110,22 +109,29 @@ function M.connect(host, port, opts)
   return setmetatable({ _s = s, _peer = cpeer(s), _read_timeout = read_timeout }, Socket)
 end
 
-local function sock_of(self, level)
+-- The C socket of self, raising at the level of the caller of a method.
+local function sock_of(self)
   local s = type(self) == "table" and self._s
-  if not s then error("tcp: expected a socket (use sock:method(), not sock.method())", level) end
-  if cis_closed(s) then error("tcp: connection is closed", level) end
+  if not s then error("tcp: expected a socket (use sock:method(), not sock.method())", 3) end
+  if cis_closed(s) then error("tcp: connection is closed", 3) end
   return s
 end
 
+-- The timeout of a read: opts.timeout, else the connection's read_timeout.
 local function read_timeout(self, opts, who)
-  opts = check_opts(opts, who)
-  return check_timeout(opts.timeout, who, self._read_timeout)
+  if opts ~= nil and type(opts) ~= "table" then error(who .. ": options must be a table", 3) end
+  local t = opts and opts.timeout
+  if t == nil then return self._read_timeout end
+  if t == false then return nil end
+  if type(t) ~= "number" or not (t >= 0) then
+    error(who .. ": timeout must be a non-negative number of seconds", 3)
+  end
+  return t
 end
 
 -- (data) | (nil) at EOF | raises.
-local function read(self, mode, n, opts, who)
-  local s = sock_of(self, 3)
-  local data, msg, code = cread(s, mode, n, read_timeout(self, opts, who))
+local function read(self, s, mode, n, timeout)
+  local data, msg, code = cread(s, mode, n, timeout)
   if data == nil and msg ~= nil then raise(self._peer, "read", msg, code) end
   return data
 end
@@ -133,13 +139,19 @@ end
 --- Returns the next bytes available (any amount), suspending until some arrive.
 ---@param opts table|nil { timeout = s }
 ---@return string|nil data, nil at end of stream
-function Socket:read(opts) return read(self, "chunk", nil, opts, "sock:read") end
+function Socket:read(opts)
+  local s = sock_of(self)
+  return read(self, s, "chunk", nil, read_timeout(self, opts, "sock:read"))
+end
 
---- Returns the bytes up to the next "\n", without the "\n" or "\r\n". At end of stream the
---- remaining bytes come back as a last line, then nil.
+--- Returns the bytes up to the next "\n", without the "\n" or "\r\n". At end of stream
+--- the remaining bytes come back as a last line, then nil.
 ---@param opts table|nil { timeout = s }
 ---@return string|nil line
-function Socket:read_line(opts) return read(self, "line", nil, opts, "sock:read_line") end
+function Socket:read_line(opts)
+  local s = sock_of(self)
+  return read(self, s, "line", nil, read_timeout(self, opts, "sock:read_line"))
+end
 
 --- Returns exactly n bytes; raises "tcp: connection closed after k of n bytes" when the
 --- stream ends first (the k bytes stay buffered for read()).
@@ -147,16 +159,20 @@ function Socket:read_line(opts) return read(self, "line", nil, opts, "sock:read_
 ---@param opts table|nil { timeout = s }
 ---@return string
 function Socket:read_bytes(n, opts)
+  local s = sock_of(self)
   if type(n) ~= "number" or n < 0 or n ~= floor(n) then
     error("sock:read_bytes: n must be a non-negative integer", 2)
   end
-  return read(self, "bytes", n, opts, "sock:read_bytes")
+  return read(self, s, "bytes", n, read_timeout(self, opts, "sock:read_bytes"))
 end
 
 --- Returns everything until the peer ends the stream ("" when nothing came).
 ---@param opts table|nil { timeout = s }
 ---@return string
-function Socket:read_all(opts) return read(self, "all", nil, opts, "sock:read_all") end
+function Socket:read_all(opts)
+  local s = sock_of(self)
+  return read(self, s, "all", nil, read_timeout(self, opts, "sock:read_all"))
+end
 
 --- Sends data (any bytes). Returns once no more than the high-water mark is unsent; the
 --- bytes past it are queued in order. A timeout or cancel leaves them queued.
@@ -164,7 +180,7 @@ function Socket:read_all(opts) return read(self, "all", nil, opts, "sock:read_al
 ---@param opts table|nil { timeout = s }
 ---@return boolean true
 function Socket:write(data, opts)
-  local s = sock_of(self, 2)
+  local s = sock_of(self)
   if type(data) ~= "string" then
     error("sock:write: data must be a string, got " .. type(data), 2)
   end
@@ -178,7 +194,7 @@ end
 --- end of stream; reading still works.
 ---@param opts table|nil { timeout = s }
 function Socket:shutdown(opts)
-  local s = sock_of(self, 2)
+  local s = sock_of(self)
   opts = check_opts(opts, "sock:shutdown")
   local ok, msg, code = cshutdown(s, check_timeout(opts.timeout, "sock:shutdown", nil))
   if not ok then raise(self._peer, "shutdown", msg, code) end
@@ -196,7 +212,7 @@ function Socket:is_closed() return cis_closed(self._s) end
 
 ---@return string the peer address, "127.0.0.1:8080" or "[::1]:8080"
 function Socket:peer()
-  sock_of(self, 2)
+  sock_of(self)
   return self._peer
 end
 
@@ -204,7 +220,7 @@ end
 ---@return table { queued = unsent bytes, buffered = received bytes not yet read,
 ---   read_limit = n, high_water = n }
 function Socket:stats()
-  local queued, buffered, limit, hwm = cstats(sock_of(self, 2))
+  local queued, buffered, limit, hwm = cstats(sock_of(self))
   return { queued = queued, buffered = buffered, read_limit = limit, high_water = hwm }
 end
 
