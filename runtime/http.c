@@ -19,9 +19,12 @@
 #define SERVER_MT "fibril.http.server"
 #define READ_CHUNK 65536
 
+enum { K_METHOD = 1, K_PATH, K_QUERY, K_TARGET, K_VERSION, K_ID, K_HEADERS, K_BODY, K_COUNT };
+
 static struct {
   lua_State *L;
   uv_loop_t *loop;
+  int keys_ref;             /* registry: the request table's field names, interned once */
   llhttp_settings_t settings;
   uint64_t next_request;
   char id_prefix[9];
@@ -271,7 +274,13 @@ static int on_headers_complete(llhttp_t *p) {
   int i, has_body = (p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
   if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
     return fail(c, 413, "body_too_large");
-  snprintf(c->method, sizeof c->method, "%s", llhttp_method_name((llhttp_method_t)p->method));
+  {
+    const char *m = llhttp_method_name((llhttp_method_t)p->method);
+    size_t mlen = strlen(m);
+    if (mlen >= sizeof c->method) mlen = sizeof c->method - 1;
+    memcpy(c->method, m, mlen);
+    c->method[mlen] = '\0';
+  }
   c->http10 = p->http_major == 1 && p->http_minor == 0;
   c->head_only = p->method == HTTP_HEAD;
   for (i = 0; i < c->nheaders; i++) {
@@ -318,8 +327,14 @@ static void set_request_id(fb_http_conn_t *c) {
       }
     }
   }
-  snprintf(c->request_id, sizeof c->request_id, "%s%08llx", H.id_prefix,
-           (unsigned long long)++H.next_request);
+  {
+    static const char hex[] = "0123456789abcdef";
+    uint64_t n = ++H.next_request;
+    int k;
+    memcpy(c->request_id, H.id_prefix, 8);
+    for (k = 15; k >= 8; k--, n >>= 4) c->request_id[k] = hex[n & 15];
+    c->request_id[16] = '\0';
+  }
 }
 
 /* Builds req (a table) and res (a userdata) and spawns handler(req, res) in a new fiber. */
@@ -327,34 +342,47 @@ static void dispatch(fb_http_conn_t *c) {
   lua_State *L = H.L;
   const char *url = c->head.data, *q;
   size_t path_len;
-  int i;
+  int i, keys;
 
   set_request_id(c);
   q = memchr(url, '?', c->url_len);
   path_len = q ? (size_t)(q - url) : c->url_len;
-  snprintf(c->path_log, sizeof c->path_log, "%.*s", (int)(path_len < 200 ? path_len : 200), url);
+  if (c->srv->access_log) {
+    size_t n = path_len < 200 ? path_len : 200;
+    memcpy(c->path_log, url, n);
+    c->path_log[n] = '\0';
+  }
   c->keep_alive = llhttp_should_keep_alive(&c->parser);
   c->chunked = c->head_sent = c->res_done = 0;
   c->bytes_sent = 0;
   c->status = 0;
 
+  lua_rawgeti(L, LUA_REGISTRYINDEX, H.keys_ref);  /* stack: keys */
+  keys = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->handler_ref);
-  lua_createtable(L, 0, 8);                  /* stack: handler req */
+  lua_createtable(L, 0, 8);                  /* stack: keys handler req */
+  lua_rawgeti(L, keys, K_METHOD);
   lua_pushstring(L, c->method);
-  lua_setfield(L, -2, "method");
+  lua_rawset(L, -3);
+  lua_rawgeti(L, keys, K_PATH);
   lua_pushlstring(L, url, path_len);
-  lua_setfield(L, -2, "path");
+  lua_rawset(L, -3);
   if (q) {
+    lua_rawgeti(L, keys, K_QUERY);
     lua_pushlstring(L, q + 1, c->url_len - path_len - 1);
-    lua_setfield(L, -2, "query");
+    lua_rawset(L, -3);
   }
+  lua_rawgeti(L, keys, K_TARGET);
   lua_pushlstring(L, url, c->url_len);
-  lua_setfield(L, -2, "target");
+  lua_rawset(L, -3);
+  lua_rawgeti(L, keys, K_VERSION);
   lua_pushstring(L, c->http10 ? "1.0" : "1.1");
-  lua_setfield(L, -2, "version");
+  lua_rawset(L, -3);
+  lua_rawgeti(L, keys, K_ID);
   lua_pushstring(L, c->request_id);
-  lua_setfield(L, -2, "id");
-  lua_createtable(L, 0, c->nheaders);        /* stack: handler req headers */
+  lua_rawset(L, -3);
+  lua_rawgeti(L, keys, K_HEADERS);
+  lua_createtable(L, 0, c->nheaders);        /* stack: keys handler req "headers" headers */
   for (i = 0; i < c->nheaders; i++) {
     header_span_t *h = &c->headers[i];
     char *name = c->head.data + h->name_off;
@@ -373,12 +401,13 @@ static void dispatch(fb_http_conn_t *c) {
     }
     lua_rawset(L, -3);
   }
-  lua_setfield(L, -2, "headers");
+  lua_rawset(L, -3);
+  lua_rawgeti(L, keys, K_BODY);
   lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
-  lua_setfield(L, -2, "body");
-  fb_http_push_response(L, c);               /* stack: handler req res */
+  lua_rawset(L, -3);
+  fb_http_push_response(L, c);               /* stack: keys handler req res */
   fb_fiber_spawn(L, 2);
-  lua_pop(L, 1);                             /* the fiber handle */
+  lua_settop(L, keys - 1);                   /* the fiber handle and the keys */
   if (c->body.cap > 65536) fb_buf_free(&c->body);   /* do not keep a big body per connection */
 }
 
@@ -643,6 +672,17 @@ void fb_http_init(lua_State *L, uv_loop_t *loop) {
   H.settings.on_headers_complete = on_headers_complete;
   H.settings.on_body = on_body;
   H.settings.on_message_complete = on_message_complete;
+  {
+    static const char *names[K_COUNT] = { NULL, "method", "path", "query", "target", "version",
+                                          "id", "headers", "body" };
+    int k;
+    lua_createtable(L, K_COUNT, 0);
+    for (k = 1; k < K_COUNT; k++) {
+      lua_pushstring(L, names[k]);
+      lua_rawseti(L, -2, k);
+    }
+    H.keys_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   snprintf(H.id_prefix, sizeof H.id_prefix, "%08x",
            (unsigned)(uv_hrtime() ^ (uint64_t)uv_os_getpid() << 16));
   fb_http_write_init(loop);

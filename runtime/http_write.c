@@ -8,6 +8,7 @@
 #include <sys/time.h>
 #include <time.h>
 
+#include "buf.h"
 #include "error.h"
 #include "http_conn.h"
 #include "log.h"
@@ -26,6 +27,7 @@ typedef struct {
 static struct {
   uv_loop_t *loop;
   char date[64];        /* "Date: ...\r\n", rebuilt once per second */
+  size_t date_len;
   time_t date_at;
   char log_ts[32];      /* "2026-11-25T10:04:05", rebuilt once per second */
   time_t log_ts_at;
@@ -82,7 +84,7 @@ static const char *date_header(void) {
   if (now != W.date_at) {
     struct tm tm;
     gmtime_r(&now, &tm);
-    strftime(W.date, sizeof W.date, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+    W.date_len = strftime(W.date, sizeof W.date, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
     W.date_at = now;
   }
   return W.date;
@@ -184,42 +186,62 @@ static int valid_header_text(const char *s, size_t n, int is_name) {
   return 1;
 }
 
-static int add_header(lua_State *L, luaL_Buffer *b, fb_http_conn_t *c, int vidx) {
+/* Response heads are built here, in C memory: no Lua string per response. Reset for each
+ * head; the write path copies whatever the socket does not take at once. */
+static fb_buf_t scratch = { NULL, 0, 0, 1 << 20 };
+
+#define ADD_LIT(s) fb_buf_append(&scratch, s, sizeof(s) - 1)
+
+/* Appends the decimal digits of v. */
+static void add_uint(uint64_t v) {
+  char digits[24], *p = digits + sizeof digits;
+  do {
+    *--p = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  fb_buf_append(&scratch, p, (size_t)(digits + sizeof digits - p));
+}
+
+static void add_header(lua_State *L, fb_http_conn_t *c, int vidx) {
   size_t nlen, vlen;
   const char *name = lua_tolstring(L, -2, &nlen), *value;
   if (lua_type(L, -2) != LUA_TSTRING || !valid_header_text(name, nlen, 1))
-    return luaL_error(L, "http: invalid response header name");
+    luaL_error(L, "http: invalid response header name");
   /* Framing is the server's: these are computed, never taken from the app. */
   if ((nlen == 14 && strncasecmp(name, "content-length", 14) == 0) ||
       (nlen == 17 && strncasecmp(name, "transfer-encoding", 17) == 0))
-    return 0;
+    return;
   if (lua_type(L, vidx) != LUA_TSTRING && lua_type(L, vidx) != LUA_TNUMBER)
-    return luaL_error(L, "http: response header '%s' must be a string", name);
+    luaL_error(L, "http: response header '%s' must be a string", name);
   value = lua_tolstring(L, vidx, &vlen);
   if (!valid_header_text(value, vlen, 0))
-    return luaL_error(L, "http: response header '%s' contains CR, LF or NUL", name);
+    luaL_error(L, "http: response header '%s' contains CR, LF or NUL", name);
   if (nlen == 10 && strncasecmp(name, "connection", 10) == 0) {
     if (vlen == 5 && strncasecmp(value, "close", 5) == 0) c->keep_alive = 0;
-    return 0;
+    return;
   }
-  luaL_addlstring(b, name, nlen);
-  luaL_addlstring(b, ": ", 2);
-  luaL_addlstring(b, value, vlen);
-  luaL_addlstring(b, "\r\n", 2);
-  return 0;
+  fb_buf_append(&scratch, name, nlen);
+  ADD_LIT(": ");
+  fb_buf_append(&scratch, value, vlen);
+  ADD_LIT("\r\n");
 }
 
-/* Pushes the response head for status and the headers table at hidx; body_len < 0 means a
- * streamed body (chunked on HTTP/1.1, close-delimited on HTTP/1.0). */
-static void push_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, long long body_len) {
-  luaL_Buffer b;
-  char line[160];
-  int n, no_body = status < 200 || status == 204 || status == 304;
+/* Builds the response head in scratch for status and the headers table at hidx; body_len < 0
+ * means a streamed body (chunked on HTTP/1.1, close-delimited on HTTP/1.0). */
+static void build_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, long long body_len) {
+  const char *reason = fb_http_reason(status);
+  int no_body = status < 200 || status == 204 || status == 304;
 
-  luaL_buffinit(L, &b);
-  n = snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, fb_http_reason(status));
-  luaL_addlstring(&b, line, (size_t)n);
-  luaL_addstring(&b, date_header());
+  fb_buf_reset(&scratch);
+  ADD_LIT("HTTP/1.1 ");
+  add_uint((uint64_t)status);
+  ADD_LIT(" ");
+  fb_buf_append(&scratch, reason, strlen(reason));
+  ADD_LIT("\r\n");
+  {
+    const char *date = date_header();       /* sets W.date_len: call it first */
+    fb_buf_append(&scratch, date, W.date_len);
+  }
   if (lua_istable(L, hidx)) {
     lua_pushnil(L);
     while (lua_next(L, hidx)) {        /* stack: ... key value */
@@ -229,31 +251,32 @@ static void push_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, lon
           lua_rawgeti(L, -1, i);
           lua_pushvalue(L, -3);        /* stack: key list value key */
           lua_insert(L, -2);           /* stack: key list key value */
-          add_header(L, &b, c, lua_gettop(L));
+          add_header(L, c, lua_gettop(L));
           lua_pop(L, 2);
         }
       } else {
-        add_header(L, &b, c, lua_gettop(L));
+        add_header(L, c, lua_gettop(L));
       }
       lua_pop(L, 1);
     }
   }
   if (body_len >= 0) {
     if (!no_body) {
-      n = snprintf(line, sizeof line, "Content-Length: %lld\r\n", body_len);
-      luaL_addlstring(&b, line, (size_t)n);
+      ADD_LIT("Content-Length: ");
+      add_uint((uint64_t)body_len);
+      ADD_LIT("\r\n");
     }
   } else if (c->http10) {
     c->keep_alive = 0;                 /* the end of the body is the end of the connection */
   } else if (!no_body) {
     c->chunked = 1;
-    luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
+    ADD_LIT("Transfer-Encoding: chunked\r\n");
   }
-  if (!c->keep_alive) luaL_addstring(&b, "Connection: close\r\n");
-  else if (c->http10) luaL_addstring(&b, "Connection: keep-alive\r\n");
-  n = snprintf(line, sizeof line, "X-Request-Id: %s\r\n\r\n", c->request_id);
-  luaL_addlstring(&b, line, (size_t)n);
-  luaL_pushresult(&b);
+  if (!c->keep_alive) ADD_LIT("Connection: close\r\n");
+  else if (c->http10) ADD_LIT("Connection: keep-alive\r\n");
+  ADD_LIT("X-Request-Id: ");
+  fb_buf_append(&scratch, c->request_id, strlen(c->request_id));
+  if (ADD_LIT("\r\n\r\n") != 0) luaL_error(L, "http: response head over 1 MiB");
 }
 
 /* ---- the Lua response object --------------------------------------------------------- */
@@ -287,17 +310,16 @@ static int check_status(lua_State *L, int idx) {
 static int l_res_send(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
   int status = check_status(L, 2);
-  size_t blen = 0, hlen;
-  const char *body = luaL_optlstring(L, 4, "", &blen), *head;
+  size_t blen = 0;
+  const char *body = luaL_optlstring(L, 4, "", &blen);
   if (!c) return closed(L);
   if (c->head_sent) return luaL_error(L, "http: response already started");
-  push_head(L, c, status, 3, (long long)blen);
-  head = lua_tolstring(L, -1, &hlen);
+  build_head(L, c, status, 3, (long long)blen);
   c->status = status;
   c->head_sent = c->res_done = 1;
   if (c->head_only || status < 200 || status == 204 || status == 304) blen = 0;
   c->bytes_sent = blen;
-  if (fb_http_write(c, head, hlen, body, blen) != 0) return closed(L);
+  if (fb_http_write(c, scratch.data, scratch.len, body, blen) != 0) return closed(L);
   fb_http_request_done(c);
   lua_pushboolean(L, 1);
   return 1;
@@ -307,15 +329,12 @@ static int l_res_send(lua_State *L) {
 static int l_res_start(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
   int status = check_status(L, 2);
-  size_t hlen;
-  const char *head;
   if (!c) return closed(L);
   if (c->head_sent) return luaL_error(L, "http: response already started");
-  push_head(L, c, status, 3, -1);
-  head = lua_tolstring(L, -1, &hlen);
+  build_head(L, c, status, 3, -1);
   c->status = status;
   c->head_sent = 1;
-  if (fb_http_write(c, head, hlen, NULL, 0) != 0) return closed(L);
+  if (fb_http_write(c, scratch.data, scratch.len, NULL, 0) != 0) return closed(L);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -470,6 +489,7 @@ void fb_http_write_init(uv_loop_t *loop) {
 }
 
 void fb_http_write_shutdown(void) {
+  fb_buf_free(&scratch);
   if (W.log_len) fb_http_log_flush();
   if (W.log_timer_on) {
     uv_close((uv_handle_t *)&W.log_timer, NULL);

@@ -15,6 +15,8 @@
 #include "tcp.h"
 #include "http.h"
 #include "signals.h"
+#include "process.h"
+#include "fs.h"
 
 #define SYSTEM_LUA_PATH                                                                  \
   "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;"                   \
@@ -112,6 +114,8 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   preload(L, "fibril.core.tcp", luaopen_fibril_core_tcp);
   preload(L, "fibril.core.http", luaopen_fibril_core_http);
   preload(L, "fibril.core.signal", luaopen_fibril_core_signal);
+  preload(L, "fibril.core.process", luaopen_fibril_core_process);
+  preload(L, "fibril.core.fs", luaopen_fibril_core_fs);
   fb_sched_init(L, loop);
   fb_http_init(L, loop);
   return L;

@@ -174,4 +174,51 @@ function M.curl(args)
   return out
 end
 
+--- Like start_app, but the app runs under a shell that records its exit status: the
+--- handle's status() gives it once the app has exited (nil before; 128+n for signal n).
+function M.start_app_status(app_dir, args)
+  local fibril = require "fibril"
+  local base = M.tmpdir() .. "/app-" .. math.random(1e9)
+  local log, pidfile, statusfile = base .. ".log", base .. ".pid", base .. ".status"
+  os.execute(("( %s run '%s' --port 0 %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s.tmp; "
+              .. "mv %s.tmp %s ) >/dev/null 2>&1 &")
+             :format(M.fibril, app_dir, args or "", log, pidfile, statusfile, statusfile, statusfile))
+  local pid
+  local deadline = fibril.now() + 5
+  while not pid and fibril.now() < deadline do
+    pid = tonumber(read_all(pidfile):match("%d+") or "")
+    if not pid then fibril.sleep(0.01) end
+  end
+  assert(pid, "app did not start: no pid")
+  local handle = { pid = pid }
+  function handle.log() return read_all(log) end
+  function handle.stop(sig)
+    os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", pid))
+  end
+  function handle.alive()
+    return os.execute(("kill -0 %d 2>/dev/null"):format(pid)) == 0
+  end
+  function handle.status()
+    return tonumber(read_all(statusfile):match("%d+") or "")
+  end
+  --- Waits for the recorded exit status; true once there is one.
+  function handle.wait_exit(timeout)
+    local until_ = fibril.now() + (timeout or 10)
+    while fibril.now() < until_ do
+      if handle.status() then return true end
+      fibril.sleep(0.02)
+    end
+    return false
+  end
+  deadline = fibril.now() + 10
+  while fibril.now() < deadline do
+    local port = handle.log():match('url="http://[^:]+:(%d+)"')
+    if port then handle.port = tonumber(port) return handle end
+    if handle.log():match("fibril: ") or handle.status() then break end
+    fibril.sleep(0.02)
+  end
+  handle.stop("KILL")
+  error("app did not start: " .. handle.log())
+end
+
 return M

@@ -89,7 +89,6 @@ describe("fibril.tcp", function()
     baseline = live()
   end)
   teardown(function() os.remove(script) end)
-  after_each(function() if os.getenv("TCP_DEBUG") then settle() print(core.live()) end end)
 
   it("connects, writes and reads back what an echo peer returns", function()
     local port, done = peer("echo")

@@ -51,7 +51,8 @@ local function load_app(app_dir, env, overrides)
 end
 
 local RUN_FLAGS = { ["--host"] = "string", ["--port"] = "number", ["--workers"] = "number",
-                    ["--env"] = "string", ["--reload"] = true, ["--no-reload"] = true }
+                    ["--env"] = "string", ["--reload"] = true, ["--no-reload"] = true,
+                    ["--reuseport-worker"] = true }   -- set by fibril.workers' master only
 
 --- fibril run APP [--host H] [--port P] [--workers N] [--env E] [--reload|--no-reload]
 function M.run(args)
@@ -61,6 +62,9 @@ function M.run(args)
   if o["--reload"] then overrides.reload = true elseif o["--no-reload"] then overrides.reload = false end
   local app = load_app(app_dir, env, overrides)
   local server = require "fibril.server"
+  if o["--reuseport-worker"] then
+    return fibril.exit(require("fibril.workers").worker(app))
+  end
   if app.config.workers > 1 then
     return fibril.exit(require("fibril.workers").run(app))
   end

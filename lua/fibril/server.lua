@@ -4,6 +4,7 @@ local core_http = require "fibril.core.http"
 local signal = require "fibril.core.signal"
 local fibril = require "fibril"
 local Controller = require "fibril.controller"
+local static = require "fibril.static"
 
 local tostring, xpcall, pairs, concat, format, os_getenv =
       tostring, xpcall, pairs, table.concat, string.format, os.getenv
@@ -33,6 +34,8 @@ function M.handler(app)
   local development = app.env == "development" or app.env == "test"
 
   local function serve(req, res)
+    if app.public and (req.method == "GET" or req.method == "HEAD")
+       and static.serve(app, req, res) then return end
     local route, params, allowed = router:match(req.method, req.path)
     if not route then
       if params == 405 then
@@ -69,7 +72,7 @@ function M.listen(app, handler)
   local cfg, http = app.config, app.config.http
   local server, err = core_http.listen{
     host = cfg.host, port = cfg.port, handler = handler or M.handler(app),
-    reuseport = cfg.workers > 1, access_log = cfg.log.access ~= false,
+    reuseport = cfg.workers > 1 or app.reuseport == true, access_log = cfg.log.access ~= false,
     max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
     max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
     body_timeout = http.body_timeout, keepalive_timeout = http.keepalive_timeout,

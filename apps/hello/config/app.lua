@@ -3,5 +3,6 @@ return {
   development = {},
   test = {},
   -- Benchmarks run with --env production: no access log, as the nginx peer (access_log off).
-  production = { log = { access = false } },
+  -- 20,000 connections: bench/http.sh holds 10,000 idle ones at once.
+  production = { log = { access = false }, http = { max_connections = 20000 } },
 }
