@@ -119,7 +119,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   if (c->state == CS_DISPATCHED) {
     /* Pipelined bytes wait for their turn. Past max_header_bytes of them reading stops (TCP
      * backpressure); pending's max leaves room for the one read that crossed the line. */
-    fb_buf_append(&c->pending, buf->base, (size_t)nread);
+    if (fb_buf_append(&c->pending, buf->base, (size_t)nread) != 0) {
+      fb_http_conn_close(c);         /* out of memory: nothing sane to answer */
+      return;
+    }
     if (c->pending.len > c->srv->limits.max_header_bytes) {
       uv_read_stop(s);
       c->reading = 0;
@@ -229,7 +232,9 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   fb_http_conn_t *c = p->data;
-  header_span_t *h = &c->headers[c->nheaders - 1];
+  header_span_t *h;
+  if (c->nheaders == 0) return fail(c, 400, "value_without_field");
+  h = &c->headers[c->nheaders - 1];
   /* Never a line end inside a value (obs-fold is refused before parsing, see below). */
   if (memchr(at, '\n', len) || memchr(at, '\r', len)) {
     fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=obs_fold", c->id);

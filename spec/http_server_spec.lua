@@ -296,3 +296,22 @@ describe("the HTTP server with fibers", function()
     srv:close()
   end)
 end)
+
+describe("the app server's guard rails", function()
+  it("answers 500 when a function route returns without responding, and ends a stream left open", function()
+    local App = require "fibril.app"
+    local server = require "fibril.server"
+    local dir = support.tmpdir() .. "/guard"
+    support.write("guard/routes.lua", [[
+      return function(r)
+        r:get("/silent", function() end)
+        r:get("/open", function(_, res) res:start(200, {}) res:write("partial") end)
+      end]])
+    local srv, port = support.http_server(server.handler(App.load(dir, "test")))
+    local res = support.raw(port, "GET /silent HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert.are.equal(500, res.status)
+    res = support.raw(port, "GET /open HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert.are.equal("partial", res.body)
+    srv:close()
+  end)
+end)

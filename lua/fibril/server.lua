@@ -52,7 +52,16 @@ function M.handler(app)
 
   return function(req, res)
     local ok, err = xpcall(serve, Controller.with_traceback, req, res)
-    if ok then return end
+    if ok then
+      -- A function route that forgot to answer must not leave the client waiting forever.
+      if not res:started() then
+        log("error", "handler returned without a response", { req = req.id, path = req.path })
+        plain(res, 500, format("Internal Server Error (request %s)\n", req.id))
+      elseif not res:closed() then
+        res:finish()
+      end
+      return
+    end
     log("error", "request failed", { req = req.id, method = req.method, path = req.path,
                                      err = tostring(err) })
     if res:started() then
