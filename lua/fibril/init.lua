@@ -144,6 +144,9 @@ function M.is_error(v, code)
   return getmetatable(v) == ERROR_MT and (code == nil or v.code == code)
 end
 
+--- JSON encode/decode (lua-cjson): docs/controllers.md.
+M.json = require "fibril.json"
+
 M.channel = channel.new
 M.semaphore = semaphore.new
 M.cond = cond.new

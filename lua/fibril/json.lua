@@ -15,8 +15,13 @@ decoder.decode_invalid_numbers(false)
 decoder.decode_max_depth(200)              -- hostile nesting fails instead of eating the C stack
 
 M.null = cjson.null
-local array_mt = cjson.array_mt or {}
+-- Debian's lua-cjson (2.1.0) has no array metatable: an empty table always encodes as {}.
+-- Tables marked with json.array that are empty are swapped for a placeholder string, and the
+-- placeholder for [] after encoding.
+local array_mt = {}
 M.array_mt = array_mt
+local PLACEHOLDER = "\0fibril:empty-array\0"
+local ENCODED_PLACEHOLDER = '"\\u0000fibril:empty%-array\\u0000"'   -- a gsub pattern
 
 --- Marks a table as a JSON array, so that an empty one encodes as `[]`.
 ---@return table t
@@ -24,11 +29,34 @@ function M.array(t)
   return setmetatable(t or {}, array_mt)
 end
 
+local getmetatable, next, pairs, gsub = getmetatable, next, pairs, string.gsub
+
+-- Returns value, or a copy in which empty marked arrays are placeholders (depth-limited).
+local function mark_empty_arrays(value, depth)
+  if type(value) ~= "table" or depth > 200 then return value, false end
+  if getmetatable(value) == array_mt and next(value) == nil then return PLACEHOLDER, true end
+  local copy, changed = nil, false
+  for k, v in pairs(value) do
+    local nv, c = mark_empty_arrays(v, depth + 1)
+    if c then
+      if not copy then
+        copy = {}
+        for k2, v2 in pairs(value) do copy[k2] = v2 end
+      end
+      copy[k] = nv
+      changed = true
+    end
+  end
+  return copy or value, changed
+end
+
 --- Encodes a Lua value; raises "json: ..." naming the problem.
 ---@return string
 function M.encode(value)
-  local ok, s = pcall(encoder.encode, value)
+  local v, marked = mark_empty_arrays(value, 0)
+  local ok, s = pcall(encoder.encode, v)
   if not ok then error("json: cannot encode: " .. tostring(s):gsub("^.-: ", ""), 2) end
+  if marked then s = gsub(s, ENCODED_PLACEHOLDER, "[]") end
   return s
 end
 
