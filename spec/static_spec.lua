@@ -297,7 +297,8 @@ describe("static files seen by curl", function()
                                            .. base .. "/../secret.txt"))
     end)
     h.stop()
-    h.wait_exit(5)
+    assert.is_true(h.wait_exit(10))
     if not ok then error(err, 0) end
+    assert.is_nil(h.log():find("Sanitizer", 1, true), h.log())   -- under make test SANITIZE=1
   end)
 end)

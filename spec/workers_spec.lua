@@ -50,11 +50,18 @@ local function count(set)
   return n
 end
 
--- Stops an app left running by a failed test: TERM, then KILL.
+-- Stops an app (TERM, then KILL), then checks that no process of it reported a sanitizer
+-- error (under `make test SANITIZE=1`) and that every worker stopped with status 0.
 local function cleanup(h)
-  if h and not (h.status and h.status()) and h.alive() then
+  if not h then return end
+  if not (h.status and h.status()) and h.alive() then
     h.stop("TERM")
     if not h.wait_exit(10) then h.stop("KILL") end
+  end
+  local log = h.log()
+  assert.is_nil(log:match("Sanitizer"), log)
+  for line in log:gmatch('[^\n]*msg="worker stopped"[^\n]*') do
+    assert.matches('status="0"', line)
   end
 end
 
@@ -166,6 +173,14 @@ describe("fibril run --workers", function()
   local h
   after_each(function() cleanup(h) h = nil end)
 
+  it("backs off restarts from 0.1 s, doubling up to 5 s, reset by a worker that lived 10 s", function()
+    local workers = require "fibril.workers"
+    local waits, delay = {}, workers.BACKOFF_MIN
+    for i = 1, 8 do waits[i], delay = workers.backoff(delay, 0.5) end
+    assert.are.same({ 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5, 5 }, waits)
+    assert.are.equal(0.1, (workers.backoff(delay, 10)))
+  end)
+
   it("answers on one port from more than one worker process", function()
     h = support.start_app(app_dir(), "--workers 2 --env test")
     local seen, n = pids_until(h.port, function(s, k) return k >= 50 and count(s) >= 2 end)
@@ -176,7 +191,6 @@ describe("fibril run --workers", function()
     while not h.log():match('msg="listening"[^\n]*workers="2"') and fibril.now() < deadline do
       fibril.sleep(0.02)
     end
-    io.stderr:write("WAITED ", 5 - (deadline - fibril.now()), "\n")
     assert.matches('msg="listening"[^\n]*workers="2"', h.log())
     assert.matches('msg="listening"[^\n]*url="http://127.0.0.1:' .. h.port .. '"', h.log())
   end)
@@ -200,6 +214,21 @@ describe("fibril run --workers", function()
     assert.matches('msg="worker exited: restarting"[^\n]*signal="SIGKILL"', h.log())
   end)
 
+  it("has its workers drain and exit when the master dies", function()
+    h = support.start_app(app_dir(), "--workers 2 --env test")
+    local workers = pids_until(h.port, function(s) return count(s) >= 2 end)
+    h.stop("KILL")
+    local deadline = fibril.now() + 5                -- they look once a second
+    local left
+    repeat
+      fibril.sleep(0.05)
+      left = 0
+      for pid in pairs(workers) do if process.kill(pid, 0) then left = left + 1 end end
+    until left == 0 or fibril.now() > deadline
+    assert.are.equal(0, left)
+    assert.are.equal(2, support.count(h.log(), 'msg="master is gone: draining"'))
+  end)
+
   it("drains on SIGTERM: a request in flight completes and the master exits 0", function()
     h = support.start_app_status(app_dir(), "--workers 2 --env test")
     pids_until(h.port, function(s) return count(s) >= 2 end)
@@ -214,6 +243,7 @@ describe("fibril run --workers", function()
     local log = h.log()
     assert.matches('msg="stopping workers"', log)
     assert.are.equal(2, support.count(log, 'msg="worker stopped"'))
+    assert.are.equal(2, support.count(log, 'status="0"'))
     assert.matches('msg="stopped"', log)
   end)
 end)

@@ -136,6 +136,11 @@ end
 ---@return integer status
 function M.run(app)
   local cfg = app.config
+  local exe = vm.executable()
+  if not exe then
+    stderr:write("fibril: --workers: cannot find this program's own path to start workers\n")
+    return 1
+  end
   local ok, reserved = pcall(process.reserve_port, cfg.host, cfg.port)
   if not ok then
     stderr:write("fibril: ", tostring(reserved), "\n")
@@ -144,7 +149,7 @@ function M.run(app)
   -- Waiting for the signal starts now, before any worker runs: a SIGTERM during boot
   -- still finds a handler and stops the workers that have started.
   local stop = fibril.schedule(signal.wait, "SIGTERM", "SIGINT")
-  local m = { app = app, port = reserved:port(), exe = vm.executable(), pid = process.pid(),
+  local m = { app = app, port = reserved:port(), exe = exe, pid = process.pid(),
               stopping = false, wake = fibril.cond(), slots = {} }
   local supervisors = {}
   for i = 1, cfg.workers do
