@@ -122,9 +122,10 @@ describe("an app served over HTTP", function()
     assert.matches("theme=dark; Path=/; HttpOnly; SameSite=Lax", set)
   end)
 
-  it("gives headers case-insensitively, the request id, and custom response headers", function()
+  it("gives headers case-insensitively, the request id, the client address, and custom response headers", function()
     local res = request(port, "GET", "/headers", { ["User-Agent"] = "spec/1.0", ["X-Request-Id"] = "rid-7" })
-    assert.are.same({ agent = "spec/1.0", lower = "spec/1.0", id = "rid-7" }, json.decode(res.body))
+    assert.are.same({ agent = "spec/1.0", lower = "spec/1.0", id = "rid-7", remote = "127.0.0.1" },
+                    json.decode(res.body))
     assert.are.equal("yes", res.headers["x-custom"])
   end)
 

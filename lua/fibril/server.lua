@@ -6,8 +6,8 @@ local fibril = require "fibril"
 local Controller = require "fibril.controller"
 local static = require "fibril.static"
 
-local tostring, xpcall, pairs, concat, format, os_getenv =
-      tostring, xpcall, pairs, table.concat, string.format, os.getenv
+local tostring, xpcall, pairs, setmetatable, rawset, rawget, concat, format, os_getenv =
+      tostring, xpcall, pairs, setmetatable, rawset, rawget, table.concat, string.format, os.getenv
 local stderr = io.stderr
 
 local M = {}
@@ -22,6 +22,17 @@ M.log = log
 
 local TEXT = { ["Content-Type"] = "text/plain" }
 
+-- req.remote_addr and req.remote_port are looked up (getpeername) only when read.
+local RES = {}
+local request_mt = { __index = function(req, k)
+  if k == "remote_addr" or k == "remote_port" then
+    local ip, port = req[RES]:remote()
+    rawset(req, "remote_addr", ip)
+    rawset(req, "remote_port", port)
+    return rawget(req, k)
+  end
+end }
+
 local function plain(res, status, body, headers)
   res:send(status, headers or TEXT, body)
 end
@@ -34,6 +45,8 @@ function M.handler(app)
   local development = app.env == "development" or app.env == "test"
 
   local function serve(req, res)
+    req[RES] = res
+    setmetatable(req, request_mt)
     if app.public and (req.method == "GET" or req.method == "HEAD")
        and static.serve(app, req, res) then return end
     local route, params, allowed = router:match(req.method, req.path)
