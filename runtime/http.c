@@ -360,6 +360,7 @@ static void dispatch(fb_http_conn_t *c) {
   c->keep_alive = llhttp_should_keep_alive(&c->parser);
   c->chunked = c->head_sent = c->res_done = 0;
   c->bytes_sent = 0;
+  c->content_length = -1;
   c->status = 0;
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, H.keys_ref);  /* stack: keys */

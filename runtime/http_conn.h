@@ -74,6 +74,7 @@ struct fb_http_conn_s {
   int status;
   uint64_t started_ns;
   size_t bytes_sent;        /* body bytes, for the access log */
+  long long content_length; /* res:start's declared length, or -1 (chunked) */
   size_t write_queued;      /* bytes handed to uv_write and not yet written */
   fb_fiber_t *write_waiter; /* a fiber suspended in res:write until the queue drains */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */

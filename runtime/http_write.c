@@ -325,13 +325,18 @@ static int l_res_send(lua_State *L) {
   return 1;
 }
 
-/* res:start(status, headers): sends the head of a streamed response. */
+/* res:start(status, headers [, length]): sends the head of a streamed response: with a
+ * Content-Length when the length is known, else chunked (close-delimited for HTTP/1.0). */
 static int l_res_start(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
   int status = check_status(L, 2);
+  lua_Number length = luaL_optnumber(L, 4, -1);
   if (!c) return closed(L);
   if (c->head_sent) return luaL_error(L, "http: response already started");
-  build_head(L, c, status, 3, -1);
+  if (length >= 0 && length != (lua_Number)(long long)length)
+    return luaL_error(L, "http: res:start length must be a whole number");
+  c->content_length = length >= 0 ? (long long)length : -1;
+  build_head(L, c, status, 3, c->content_length);
   c->status = status;
   c->head_sent = 1;
   if (fb_http_write(c, scratch.data, scratch.len, NULL, 0) != 0) return closed(L);
@@ -353,6 +358,8 @@ static int l_res_write(lua_State *L) {
   if (!c) return closed(L);
   if (!c->head_sent) return luaL_error(L, "http: res:write before res:start");
   if (c->res_done) return luaL_error(L, "http: res:write after the response ended");
+  if (c->content_length >= 0 && (long long)(c->bytes_sent + len) > c->content_length)
+    return luaL_error(L, "http: res:write past the Content-Length given to res:start");
   if (len > 0 && !c->head_only) {
     int r;
     c->bytes_sent += len;
@@ -386,11 +393,21 @@ static int l_res_finish(lua_State *L) {
   if (!c->head_sent) return luaL_error(L, "http: res:finish before res:start");
   if (c->res_done) return luaL_error(L, "http: response already ended");
   c->res_done = 1;
+  /* Fewer bytes than the Content-Length promised: only closing tells the client. */
+  if (c->content_length >= 0 && !c->head_only && (long long)c->bytes_sent != c->content_length)
+    c->keep_alive = 0;
   if (c->chunked && !c->head_only && fb_http_write(c, "0\r\n\r\n", 5, NULL, 0) != 0)
     return closed(L);
   fb_http_request_done(c);
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* res:abort(): drops the connection now (a body that cannot be completed). */
+static int l_res_abort(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  if (c) fb_http_conn_close(c);
+  return 0;
 }
 
 static int l_res_closed(lua_State *L) {
@@ -426,7 +443,7 @@ int luaopen_fibril_core_http_response(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "send", l_res_send }, { "start", l_res_start }, { "write", l_res_write },
     { "finish", l_res_finish }, { "closed", l_res_closed }, { "started", l_res_started },
-    { "remote", l_res_remote }, { NULL, NULL }
+    { "remote", l_res_remote }, { "abort", l_res_abort }, { NULL, NULL }
   };
   if (luaL_newmetatable(L, RES_MT)) {
     lua_newtable(L);

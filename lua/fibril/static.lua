@@ -17,7 +17,7 @@ local M = {}
 --- Bytes read and written per step when a body is streamed.
 M.CHUNK = 65536
 --- Bodies up to this many bytes are read whole and sent with Content-Length; larger ones are
---- streamed with res:start/res:write (chunked), so memory per request stays at one CHUNK.
+--- streamed with res:start (Content-Length)/res:write, so memory per request stays at one CHUNK.
 M.SMALL = 262144
 
 --- Content-Type by lowercased file extension; an app may add entries
@@ -205,16 +205,17 @@ end
 
 -- Streams len bytes from off, CHUNK at a time; res:write suspends while the client is slow.
 local function stream(req, res, file, status, headers, off, len, path)
-  res:start(status, headers)
+  res:start(status, headers, len)
   if req.method == "HEAD" then return res:finish() end
   local stop = off + len
   while off < stop do
     local data, err = file:read(min(M.CHUNK, stop - off), off)
     if not data or data == "" then
-      -- The head is out, so no status can say so; res:finish ends the body early.
+      -- The head is out, so no status can say so: drop the connection, and the client sees
+      -- fewer bytes than Content-Length promised.
       log_warn(data and "file shrank while being sent" or "read failed while sending",
                { { "req", req.id }, { "path", path }, { "sent", off }, { "err", err or "EOF" } })
-      break
+      return res:abort()
     end
     if not res:write(data) then return end   -- the client went away
     off = off + #data
