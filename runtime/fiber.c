@@ -3,8 +3,7 @@
  * and wakers push values and enqueue (fb_fiber_ready), the check handle drains the queue.
  * A fiber's handle is a userdata holding its fb_fiber_t; while the fiber is alive the handle
  * is anchored by self_ref, so every pointer to a live fiber (queue, joiners, timer) is valid.
- * Anchors are slots of one table, recycled through a C free list: one table write each
- * instead of luaL_ref's free-list bookkeeping inside the registry. */
+ * Fibers are anchored through runtime/anchor.c (table slots recycled by a C free list). */
 #include "fiber.h"
 
 #include <lauxlib.h>
@@ -15,9 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "anchor.h"
 #include "error.h"
 #include "log.h"
-#include "vm.h"
+#include "yieldcheck.h"
 
 /* Resumes per loop turn before I/O gets a look in; high enough that schedule+await in a
  * tight loop pays for a poll only every few thousand fibers. */
@@ -44,6 +44,8 @@ struct fb_fiber_s {
   int self_ref;           /* anchor slot of the handle while alive; released in
                              fiber_finish() only */
   int err_ref;            /* FS_FAILED: anchor slot of the error object; fiber_gc() only */
+  int ctx_ref;            /* anchor slot of the unit-of-work context table (executor), shared
+                             with the fibers it schedules; released in fiber_finish() */
   uint64_t id;
   uint8_t state, wait;
   uint8_t cancel_pending; /* raise "cancelled" at the next suspension point */
@@ -80,51 +82,8 @@ static struct {
   int mt_gc_ref;          /* the same with __gc: set at finish on handles holding results or
                              an error (refs to release, an unobserved error to report) */
   fb_fiber_t *live;       /* every live fiber (live_next/live_prev): closed at shutdown */
-  int *free_slots;        /* anchor slots free for reuse */
-  size_t nfree, free_cap;
-  int max_slot;
-  int anchors_ref;        /* registry ref of the anchor table */
-  size_t live_fibers, live_refs, live_handles;
+  size_t live_fibers, live_handles;
 } S;
-
-#define NO_SLOT 0
-
-/* Pushes the anchor table onto L and returns its (absolute) index; the anchor functions take
- * it so that several operations share one registry lookup. */
-static int anchors_push(lua_State *L) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, S.anchors_ref);
-  return lua_gettop(L);
-}
-
-/* Pops the value on L's top into a free slot of the anchor table at index t. */
-static int anchor(lua_State *L, int t) {
-  int slot = S.nfree ? S.free_slots[--S.nfree] : ++S.max_slot;
-  lua_rawseti(L, t, slot);
-  S.live_refs++;
-  return slot;
-}
-
-static void unanchor(lua_State *L, int t, int slot) {
-  if (slot == NO_SLOT) return;
-  lua_pushnil(L);
-  lua_rawseti(L, t, slot);
-  S.live_refs--;
-  if (S.nfree == S.free_cap) {
-    size_t ncap = S.free_cap ? S.free_cap * 2 : 1024;
-    int *n = realloc(S.free_slots, ncap * sizeof *n);
-    if (!n) return;          /* the slot number is lost, not the memory it held */
-    S.free_slots = n;
-    S.free_cap = ncap;
-  }
-  S.free_slots[S.nfree++] = slot;
-}
-
-/* Pushes what slot anchors (one lookup of its own). */
-static void push_anchored(lua_State *L, int slot) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, S.anchors_ref);
-  lua_rawgeti(L, -1, slot);
-  lua_remove(L, -2);
-}
 
 static void fiber_finish(fb_fiber_t *f, int ok);
 
@@ -216,121 +175,17 @@ static void on_timer(uv_timer_t *t) {
 lua_State *fb_fiber_thread(fb_fiber_t *f) { return f->co; }
 uv_loop_t *fb_sched_loop(void) { return S.loop; }
 
-/* Pushes "file:line: " for the innermost frame of application code (a Lua frame outside
- * fibril's own lua/ tree), or "" when there is none. */
-static void push_app_where(lua_State *L) {
-  lua_Debug ar;
-  const char *dir = fb_vm_lua_dir();
-  size_t dlen = strlen(dir);
-  int level;
-  for (level = 1; lua_getstack(L, level, &ar); level++) {
-    if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
-    if (ar.source[0] == '@' && strncmp(ar.source + 1, dir, dlen) == 0) continue;
-    lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
-    return;
-  }
-  lua_pushliteral(L, "");
-}
-
-/* With a function on top of L, pushes the name it has in the standard library ("table.sort")
- * or "?": a frame's own name is unknown when a C function called it (pcall(table.sort, ...)). */
-static void push_library_name(lua_State *L) {
-  static const char *libs[] = { "table", "string", "_G", "coroutine", "debug", "os", "io",
-                                "math", NULL };
-  int fn = lua_gettop(L), i;
-  for (i = 0; libs[i]; i++) {
-    lua_getglobal(L, libs[i]);               /* stack: fn lib */
-    if (lua_type(L, -1) == LUA_TTABLE) {
-      lua_pushnil(L);
-      while (lua_next(L, fn + 1)) {          /* stack: fn lib key value */
-        if (lua_rawequal(L, -1, fn) && lua_type(L, -2) == LUA_TSTRING) {
-          if (strcmp(libs[i], "_G") == 0) lua_pushvalue(L, -2);
-          else lua_pushfstring(L, "%s.%s", libs[i], lua_tostring(L, -2));
-          lua_replace(L, fn + 1);            /* stack: fn name key value */
-          lua_settop(L, fn + 1);             /* stack: fn name */
-          return;
-        }
-        lua_pop(L, 1);
-      }
-    }
-    lua_settop(L, fn);
-  }
-  lua_pushliteral(L, "?");
-}
-
-/* The module being loaded is the one require's table marks with a sentinel: a light userdata
- * in Lua 5.1; in this LuaJIT a value that reads back as a denormal number. */
-static const char *loading_module(lua_State *L) {
-  const char *mod = "?";
-  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");   /* require's own table, not package.loaded */
-  lua_pushnil(L);
-  while (lua_next(L, -2)) {
-    int t = lua_type(L, -1);
-    lua_Number v = t == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
-    if ((t == LUA_TLIGHTUSERDATA || (t == LUA_TNUMBER && v != 0 && fabs(v) < 1e-300)) &&
-        lua_type(L, -2) == LUA_TSTRING)
-      mod = lua_tostring(L, -2);                   /* anchored: the key stays in _LOADED */
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  return mod;
-}
-
-/* Finds why L cannot yield here and raises an error that says what to do. */
-static int raise_cannot_suspend(lua_State *L, const char *who) {
-  lua_Debug ar;
-  int level;
-  push_app_where(L);                         /* stack: where */
-  for (level = 1; lua_getstack(L, level, &ar); level++) {
-    if (!lua_getinfo(L, "Snf", &ar)) break;  /* stack: where fn */
-    if (*ar.what == 'C') {
-      int is_require;
-      lua_getglobal(L, "require");
-      is_require = lua_rawequal(L, -1, -2);
-      lua_pop(L, 1);
-      if (is_require) {
-        lua_pushfstring(L, "%s: cannot suspend while loading module '%s' (move I/O into a "
-                        "function that the module returns)", who, loading_module(L));
-        lua_remove(L, -2);
-        lua_concat(L, 2);
-        return lua_error(L);
-      }
-      if (ar.name && (strcmp(ar.name, "pcall") == 0 || strcmp(ar.name, "xpcall") == 0)) {
-        lua_pop(L, 1);
-        continue;
-      }
-      push_library_name(L);                  /* stack: where fn name */
-      if (strcmp(lua_tostring(L, -1), "pcall") == 0 || strcmp(lua_tostring(L, -1), "xpcall") == 0) {
-        lua_pop(L, 2);
-        continue;
-      }
-      lua_pushfstring(L, "%s: cannot suspend inside a callback called by the C function '%s' "
-                      "(such as table.sort or string.gsub); collect the work first and do it "
-                      "after that call returns", who, lua_tostring(L, -1));
-      lua_remove(L, -2);
-      lua_remove(L, -2);
-      lua_concat(L, 2);
-      return lua_error(L);
-    }
-    lua_pop(L, 1);
-  }
-  lua_pushfstring(L, "%s: cannot suspend here (inside a __gc metamethod or a callback of a "
-                  "C library); schedule a fiber to do the work instead", who);
-  lua_concat(L, 2);
-  return lua_error(L);
-}
-
 fb_fiber_t *fb_fiber_check(lua_State *L, const char *who) {
   fb_fiber_t *f = S.current;
   if (!f || f->co != L) {
-    push_app_where(L);
+    fb_push_app_where(L);
     if (f) lua_pushfstring(L, "%s: called from a coroutine that fibril does not schedule; "
                            "only fibers can suspend (use fibril.schedule)", who);
     else lua_pushfstring(L, "%s: not inside a fiber (use fibril.schedule)", who);
     lua_concat(L, 2);
     lua_error(L);
   }
-  if (!lua_isyieldable(L)) raise_cannot_suspend(L, who);
+  if (!lua_isyieldable(L)) fb_raise_cannot_suspend(L, who);
   if (f->cancel_pending) {
     f->cancel_pending = 0;
     fb_error_push(L, "cancelled", "%s: fiber %llu was cancelled", who, (unsigned long long)f->id);
@@ -413,15 +268,20 @@ fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
   f = lua_newuserdata(L, sizeof *f);         /* stack: fn args... ud */
   memset(f, 0, sizeof *f);
   f->magic = FIBER_MAGIC;
-  f->co_ref = f->self_ref = f->err_ref = NO_SLOT;
+  f->co_ref = f->self_ref = f->err_ref = f->ctx_ref = NO_SLOT;
   lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setmetatable(L, -2);
-  t = anchors_push(L);                       /* stack: fn args... ud anchors */
+  t = fb_anchors_push(L);                       /* stack: fn args... ud anchors */
   co = lua_newthread(L);                     /* stack: fn args... ud anchors co */
   f->co = co;
-  f->co_ref = anchor(L, t);
+  f->co_ref = fb_anchor(L, t);
   lua_pushvalue(L, -2);
-  f->self_ref = anchor(L, t);
+  f->self_ref = fb_anchor(L, t);
+  /* A fiber scheduled from inside a unit of work inherits its context (log tags, locals). */
+  if (S.current && S.current->co == L && S.current->ctx_ref != NO_SLOT) {
+    lua_rawgeti(L, t, S.current->ctx_ref);
+    f->ctx_ref = fb_anchor(L, t);
+  }
   lua_pop(L, 1);                             /* stack: fn args... ud */
   lua_insert(L, -(nargs + 2));               /* stack: ud fn args... */
   lua_xmove(L, co, nargs + 1);               /* stack: ud */
@@ -496,15 +356,15 @@ static int fiber_capture_error(fb_fiber_t *f) {
     lua_rawset(L, -4);
   }
   lua_pop(L, 1);
-  anchors_push(L);                           /* stack: err anchors */
+  fb_anchors_push(L);                           /* stack: err anchors */
   lua_insert(L, -2);                         /* stack: anchors err */
-  f->err_ref = anchor(L, lua_gettop(L) - 1);
+  f->err_ref = fb_anchor(L, lua_gettop(L) - 1);
   lua_pop(L, 1);
   return cancelled;
 }
 
 static void report_main_error(fb_fiber_t *f) {
-  push_anchored(S.L, f->err_ref);
+  fb_push_anchored(S.L, f->err_ref);
   fprintf(stderr, "fibril: %s\n", fb_error_describe(S.L, NULL));
   fflush(stderr);
   lua_pop(S.L, 2);
@@ -521,9 +381,9 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
     f->state = FS_FAILED;
     cancelled = fiber_capture_error(f);
   }
-  t = anchors_push(S.L);                     /* S.L stack: anchors (popped at the end) */
+  t = fb_anchors_push(S.L);                     /* S.L stack: anchors (popped at the end) */
   if (k == 0) {                              /* nothing on its stack is needed any more */
-    unanchor(S.L, t, f->co_ref);
+    fb_unanchor(S.L, t, f->co_ref);
     f->co_ref = NO_SLOT;
     f->co = NULL;
   }
@@ -569,7 +429,9 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   else S.live = f->live_next;
   if (f->live_next) f->live_next->live_prev = f->live_prev;
   f->live_next = f->live_prev = NULL;
-  unanchor(S.L, t, f->self_ref);
+  fb_unanchor(S.L, t, f->ctx_ref);
+  f->ctx_ref = NO_SLOT;
+  fb_unanchor(S.L, t, f->self_ref);
   f->self_ref = NO_SLOT;
   lua_settop(S.L, t - 1);
   S.live_fibers--;
@@ -622,7 +484,7 @@ static int l_spawn(lua_State *L) {
 static int l_current(lua_State *L) {
   fb_fiber_t *f = S.current;
   if (!f || f->co != L) return 0;
-  push_anchored(L, f->self_ref);
+  fb_push_anchored(L, f->self_ref);
   return 1;
 }
 
@@ -640,7 +502,7 @@ static int l_join(lua_State *L) {
   if (t->state == FS_FAILED) {
     t->err_observed = 1;
     lua_pushboolean(L, 0);
-    push_anchored(L, t->err_ref);
+    fb_push_anchored(L, t->err_ref);
     return 2;
   }
   f = fb_fiber_check(L, "fibril.await");
@@ -727,7 +589,7 @@ static const char *state_names[] = { "scheduled", "ready", "running", "suspended
 static int l_status(lua_State *L) {
   fb_fiber_t *t = check_fiber(L, 1, "fiber:status");
   if (t->state == FS_FAILED) {
-    push_anchored(L, t->err_ref);
+    fb_push_anchored(L, t->err_ref);
     lua_getfield(L, -1, "code");
     if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "cancelled") == 0) {
       lua_pushliteral(L, "cancelled");
@@ -760,15 +622,15 @@ static int l_fiber_gc(lua_State *L) {
     size_t len = 0;
     const char *s;
     f->err_observed = 1;
-    push_anchored(L, f->err_ref);
+    fb_push_anchored(L, f->err_ref);
     s = fb_error_describe(L, &len);
     fb_log(FB_ERROR, "fiber", "msg=\"fiber failed and was never awaited\" fiber=%llu err=%s",
            (unsigned long long)f->id, fb_log_quote(msg, sizeof msg, s, len));
     lua_pop(L, 2);
   }
-  t = anchors_push(L);
-  unanchor(L, t, f->co_ref);
-  unanchor(L, t, f->err_ref);
+  t = fb_anchors_push(L);
+  fb_unanchor(L, t, f->co_ref);
+  fb_unanchor(L, t, f->err_ref);
   f->co_ref = f->err_ref = NO_SLOT;
   f->co = NULL;
   return 0;
@@ -791,6 +653,35 @@ static int l_exit(lua_State *L) {
   return 1;
 }
 
+/* context() -> the running fiber's context table, or nil (none, or not in a fiber). */
+static int l_context(lua_State *L) {
+  fb_fiber_t *f = S.current;
+  if (!f || f->co != L || f->ctx_ref == NO_SLOT) return 0;
+  fb_push_anchored(L, f->ctx_ref);
+  return 1;
+}
+
+/* set_context(table|nil): replaces the running fiber's context; fibers it schedules from now
+ * on inherit the new one. Returns false outside a fiber. */
+static int l_set_context(lua_State *L) {
+  fb_fiber_t *f = S.current;
+  int t;
+  if (!f || f->co != L) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+  t = fb_anchors_push(L);
+  fb_unanchor(L, t, f->ctx_ref);
+  f->ctx_ref = NO_SLOT;
+  if (!lua_isnoneornil(L, 1)) {
+    lua_pushvalue(L, 1);
+    f->ctx_ref = fb_anchor(L, t);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int l_now(lua_State *L) {
   lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
   return 1;
@@ -805,7 +696,7 @@ static int l_live(lua_State *L) {
   lua_createtable(L, 0, 4);
   lua_pushnumber(L, (lua_Number)S.live_fibers);
   lua_setfield(L, -2, "fibers");
-  lua_pushnumber(L, (lua_Number)S.live_refs);
+  lua_pushnumber(L, (lua_Number)fb_anchor_live());
   lua_setfield(L, -2, "refs");
   lua_pushnumber(L, (lua_Number)S.live_handles);
   lua_setfield(L, -2, "handles");
@@ -834,6 +725,8 @@ static const luaL_Reg core_funcs[] = {
   { "now", l_now },
   { "error", l_new_error },
   { "live", l_live },
+  { "context", l_context },
+  { "set_context", l_set_context },
   { NULL, NULL }
 };
 
@@ -870,8 +763,7 @@ static int new_fiber_metatable(lua_State *L, int with_gc) {
 void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   memset(&S, 0, sizeof S);
   S.L = L;
-  lua_newtable(L);                           /* the anchor table, for the state's lifetime */
-  S.anchors_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  fb_anchor_init(L);
   S.loop = loop;
   uv_check_init(loop, &S.check);
   uv_check_start(&S.check, drain);
@@ -913,7 +805,6 @@ void fb_sched_close(void) {
   uv_run(S.loop, UV_RUN_DEFAULT);            /* lets every close callback run */
   free(S.q);
   S.q = NULL;
-  free(S.free_slots);
-  S.free_slots = NULL;
+  fb_anchor_close();
   S.qlen = S.qcap = S.qhead = 0;
 }

@@ -1,5 +1,5 @@
 /* process.c: child processes for fibers: spawn, wait (suspends until exit), kill; this
- * process's pid and ppid; a TCP port reserved (bound, never listening) for a master.
+ * process's pid and ppid; signal traps; a TCP port reserved (bound, never listening).
  * A child's uv_process_t lives in a malloc'd fb_process_t that outlives the handle: the
  * handle closes when the child exits (or at close), the struct is freed once both its close
  * callback has run and the userdata has let go, so wait() still answers after the exit. */
@@ -20,6 +20,7 @@
 
 #define PROCESS_MT "fibril.process"
 #define PORT_MT "fibril.process.port"
+#define TRAP_MT "fibril.process.trap"
 #define MAX_ARGS 256           /* argv entries a spawn may pass, the file included */
 #define MAX_ENV_ADDED 256      /* variables a spawn may add to the inherited environment */
 
@@ -39,10 +40,12 @@ typedef struct fb_process_s {
 
 typedef struct { fb_process_t *p; } box_t;    /* p is NULL once closed */
 typedef struct { int fd; } port_box_t;        /* fd is -1 once closed */
+typedef struct { uv_signal_t *h; } trap_box_t; /* h is NULL once closed; freed when closed */
 
 static struct {
   size_t live_processes;       /* structs not yet freed */
   size_t live_ports;           /* reserved sockets still open */
+  size_t live_traps;           /* signal trap handles not yet freed */
 } P;
 
 static const struct { const char *name; int signum; } signals[] = {
@@ -302,7 +305,12 @@ static int l_spawn(lua_State *L) {
   lua_pop(L, 1);
   argv_buf[nargs + 1] = NULL;
 
-  /* Nothing raises past this point: every allocation below is released on each path. */
+  /* The userdata first (it may raise on OOM, harmlessly while it points nowhere); nothing
+   * raises past it, and every allocation below is released on each path. */
+  box = lua_newuserdata(L, sizeof *box);      /* stack: opts box */
+  box->p = NULL;
+  luaL_getmetatable(L, PROCESS_MT);
+  lua_setmetatable(L, -2);
   if (nenv > 0 && !(envp = env_build(L, 1, nenv, &nadded)))
     return push_error(L, "out of memory", "ENOMEM");
   p = calloc(1, sizeof *p);
@@ -329,11 +337,8 @@ static int l_spawn(lua_State *L) {
     return push_uv_error(L, rc);
   }
   p->pid = p->h.pid;
-  box = lua_newuserdata(L, sizeof *box);
   box->p = p;
   p->boxed = 1;
-  luaL_getmetatable(L, PROCESS_MT);
-  lua_setmetatable(L, -2);
   return 1;
 }
 
@@ -433,6 +438,56 @@ static int l_kill(lua_State *L) {
   return 1;
 }
 
+/* ---- signal traps ------------------------------------------------------------------- */
+
+static void on_trapped(uv_signal_t *h, int signum) {
+  (void)h;
+  (void)signum;               /* caught, and nothing else: the point is to not die of it */
+}
+
+static void on_trap_closed(uv_handle_t *h) {
+  free(h);
+  P.live_traps--;
+}
+
+/* trap(signal) -> trap. While a trap is open the signal never takes its default action in
+ * this process: libuv's handler stays installed, so the signal still reaches every
+ * signal.wait() and is otherwise ignored. A one-shot wait ending cannot leave a window in
+ * which a repeated signal kills a draining server. The handle is unref'd: it does not keep
+ * the loop alive. */
+static int l_trap(lua_State *L) {
+  int signum = check_signal(L, 1), rc;
+  trap_box_t *box;
+  uv_signal_t *h;
+  luaL_argcheck(L, signum != SIGKILL && signum != SIGSTOP && signum != 0, 1,
+                "this signal cannot be trapped");
+  box = lua_newuserdata(L, sizeof *box);      /* before the malloc: a raise here leaks nothing */
+  box->h = NULL;
+  luaL_getmetatable(L, TRAP_MT);
+  lua_setmetatable(L, -2);
+  h = malloc(sizeof *h);
+  if (!h) return push_error(L, "out of memory", "ENOMEM");
+  uv_signal_init(fb_sched_loop(), h);
+  P.live_traps++;
+  rc = uv_signal_start(h, on_trapped, signum);
+  if (rc != 0) {
+    uv_close((uv_handle_t *)h, on_trap_closed);
+    return push_uv_error(L, rc);
+  }
+  uv_unref((uv_handle_t *)h);
+  box->h = h;
+  return 1;
+}
+
+/* close and __gc: idempotent; the signal's previous handling returns. */
+static int l_trap_close(lua_State *L) {
+  trap_box_t *box = luaL_checkudata(L, 1, TRAP_MT);
+  if (!box->h) return 0;
+  uv_close((uv_handle_t *)box->h, on_trap_closed);
+  box->h = NULL;
+  return 0;
+}
+
 /* ---- a reserved port ---------------------------------------------------------------- */
 
 /* reserve_port(host, port) -> reservation | nil, msg, code. Binds a TCP socket with
@@ -487,11 +542,12 @@ static int l_port_close(lua_State *L) {
   return 0;
 }
 
-/* live() -> child process objects not yet freed, reserved ports open. */
+/* live() -> child process objects not yet freed, reserved ports open, traps not freed. */
 static int l_live(lua_State *L) {
   lua_pushnumber(L, (lua_Number)P.live_processes);
   lua_pushnumber(L, (lua_Number)P.live_ports);
-  return 2;
+  lua_pushnumber(L, (lua_Number)P.live_traps);
+  return 3;
 }
 
 static const luaL_Reg process_methods[] = {
@@ -516,6 +572,7 @@ static const luaL_Reg process_funcs[] = {
   { "ppid", l_ppid },
   { "kill", l_kill },
   { "reserve_port", l_reserve_port },
+  { "trap", l_trap },
   { "live", l_live },
   { NULL, NULL }
 };
@@ -540,6 +597,15 @@ int luaopen_fibril_core_process(lua_State *L) {
     luaL_setfuncs(L, port_methods, 0);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, l_port_close);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, TRAP_MT)) {        /* stack: module mt */
+    lua_newtable(L);
+    lua_pushcfunction(L, l_trap_close);
+    lua_setfield(L, -2, "close");
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_trap_close);
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);

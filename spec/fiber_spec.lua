@@ -305,3 +305,43 @@ describe("suspending where LuaJIT allows it and where it does not", function()
     assert.has_error(function() fibril.sleep("1") end)
   end)
 end)
+
+describe("fiber context (the executor's unit state)", function()
+  local core = require "fibril.core.fiber"
+
+  it("is inherited by the fibers a fiber schedules, and by theirs", function()
+    local ctx = { tags = { req = "r1" } }
+    local seen = fibril.await(fibril.schedule(function()
+      assert(core.set_context(ctx))
+      local child = fibril.schedule(function()
+        return fibril.await(fibril.schedule(function() return core.context() end))
+      end)
+      return fibril.await(child)
+    end))
+    assert.are.equal(ctx, seen)
+  end)
+
+  it("is not shared with fibers scheduled before it was set, nor with unrelated ones", function()
+    local before, other
+    local f = fibril.schedule(function()
+      local early = fibril.schedule(function() fibril.sleep(0.01) return core.context() end)
+      core.set_context({ name = "late" })
+      before = fibril.await(early)
+    end)
+    local g = fibril.schedule(function() fibril.sleep(0.005) other = core.context() end)
+    fibril.await(f, g)
+    assert.is_nil(before)
+    assert.is_nil(other)
+  end)
+
+  it("is released with the fiber (no anchor left behind)", function()
+    fibril.sleep(0.01)
+    local refs = fibril.debug.live().refs
+    fibril.await(fibril.schedule(function()
+      core.set_context({})
+      core.set_context({})        -- replacing releases the old one
+      fibril.await(fibril.schedule(function() end))
+    end))
+    assert.are.equal(refs, fibril.debug.live().refs)
+  end)
+end)
