@@ -682,6 +682,13 @@ static int l_set_context(lua_State *L) {
   return 1;
 }
 
+static int l_walltime(lua_State *L) {
+  uv_timeval64_t tv;
+  uv_gettimeofday(&tv);
+  lua_pushnumber(L, (lua_Number)tv.tv_sec + (lua_Number)tv.tv_usec / 1e6);
+  return 1;
+}
+
 static int l_now(lua_State *L) {
   lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
   return 1;
@@ -723,6 +730,7 @@ static const luaL_Reg core_funcs[] = {
   { "status", l_status },
   { "exit", l_exit },
   { "now", l_now },
+  { "walltime", l_walltime },
   { "error", l_new_error },
   { "live", l_live },
   { "context", l_context },

@@ -86,6 +86,7 @@ function M.load(dir, env, overrides)
   local public = dir .. "/public"
   return {
     dir = dir, env = cfg.env, config = cfg, router = router, controllers = controllers,
+    overrides = overrides,
     public = is_dir(public) and public or nil,
   }
 end

@@ -147,6 +147,12 @@ end
 --- JSON encode/decode (lua-cjson): docs/controllers.md.
 M.json = require "fibril.json"
 
+--- The current unit of work's local state (nil outside one): docs/executor.md.
+function M.locals() return require("fibril.executor").locals() end
+
+--- Logging with the unit's tags: docs/executor.md.
+M.log = require "fibril.log"
+
 M.channel = channel.new
 M.semaphore = semaphore.new
 M.cond = cond.new

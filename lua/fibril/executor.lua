@@ -1,0 +1,124 @@
+--- fibril.executor: the border between framework code and application code. Every unit of
+--- work (an HTTP request; later an SSE stream, an event delivery, a deferred task) runs
+--- through `wrap`: `to_run` callbacks before it, `to_complete` callbacks after it (even when it
+--- raised), fresh unit-local state, and log tags for its lines. docs/executor.md lists every
+--- place the framework calls application code.
+local core = require "fibril.core.fiber"
+local log = require "fibril.log"
+
+local type, error, xpcall, ipairs, rawget, tostring = type, error, xpcall, ipairs, rawget, tostring
+local getinfo, traceback = debug.getinfo, debug.traceback
+local context, set_context = core.context, core.set_context
+
+local M = {}
+
+local run_callbacks, complete_callbacks, prepare_callbacks = {}, {}, {}
+local before_unit                  -- the reloader's hook: swap stale code before a unit
+
+local function register(list, who, cb)
+  if type(cb) ~= "function" then error("executor." .. who .. ": expected a function", 3) end
+  list[#list + 1] = cb
+  return cb
+end
+
+--- Calls cb() before every unit of work, in registration order.
+function M.to_run(cb) return register(run_callbacks, "to_run", cb) end
+--- Calls cb(ok, err) after every unit of work, in reverse registration order, even when the
+--- unit raised (ok false, err its error).
+function M.to_complete(cb) return register(complete_callbacks, "to_complete", cb) end
+--- Calls cb() after each code reload (development), to re-create state app modules hold.
+function M.to_prepare(cb) return register(prepare_callbacks, "to_prepare", cb) end
+
+--- Removes a callback registered with to_run, to_complete or to_prepare.
+function M.remove(cb)
+  for _, list in ipairs({ run_callbacks, complete_callbacks, prepare_callbacks }) do
+    for i = #list, 1, -1 do
+      if list[i] == cb then table.remove(list, i) end
+    end
+  end
+end
+
+local function origin(cb)
+  local info = getinfo(cb, "S")
+  return info.short_src .. ":" .. (info.linedefined or "?")
+end
+
+-- Runs one callback; an error is logged with where the callback was defined, and returned.
+local function call_safely(kind, cb, ...)
+  local ok, err = xpcall(cb, traceback, ...)
+  if not ok then
+    log.error("executor callback failed", { callback = kind, origin = origin(cb), err = tostring(err) })
+    return err
+  end
+end
+
+--- Runs the to_prepare callbacks (the reloader calls this after swapping code).
+function M.prepare()
+  for i = 1, #prepare_callbacks do call_safely("to_prepare", prepare_callbacks[i]) end
+end
+
+--- Sets the hook run before every outermost unit (one hook: the reloader's check).
+function M.set_before_unit(fn) before_unit = fn end
+
+local function add_traceback(err)
+  if type(err) == "table" then
+    if rawget(err, "traceback") == nil then err.traceback = traceback("", 2):sub(2) end
+    return err
+  end
+  local e = core.error(nil, tostring(err))
+  e.value = err
+  e.traceback = traceback("", 2):sub(2)
+  return e
+end
+
+local function finish(ctx, previous, ok, ...)
+  for i = #complete_callbacks, 1, -1 do
+    call_safely("to_complete", complete_callbacks[i], ok, (not ok) and (...) or nil)
+  end
+  ctx.active = false
+  ctx.locals = nil                         -- unit state never outlives the unit
+  set_context(previous)
+  if not ok then error((...), 0) end
+  return ...
+end
+
+--- Runs fn(...) as one unit of work and returns its results (or raises its error, after the
+--- to_complete callbacks ran). A wrap inside a running unit (same fiber, or a fiber the unit
+--- scheduled) just calls fn: the callbacks run once, for the outermost.
+---@param opts table|nil { tags = { req = id } } log tags for the unit
+function M.wrap(fn, opts, ...)
+  local previous = context()
+  if previous and previous.active then return fn(...) end
+  if before_unit then before_unit() end
+  local ctx = { active = true, tags = opts and opts.tags or nil }
+  if not set_context(ctx) then
+    error("executor.wrap: not inside a fiber (units of work run in fibers)", 2)
+  end
+  for i = 1, #run_callbacks do
+    local err = call_safely("to_run", run_callbacks[i])
+    if err then
+      -- The unit cannot trust its set-up: it does not run, but what did run is released.
+      return finish(ctx, previous, false, add_traceback(err))
+    end
+  end
+  return finish(ctx, previous, xpcall(fn, add_traceback, ...))
+end
+
+--- The current unit's local state: a table that lives as long as the unit (shared with the
+--- fibers it schedules) and is dropped after it. nil outside a unit.
+---@return table|nil
+function M.locals()
+  local ctx = context()
+  if not ctx or not ctx.active then return nil end
+  local t = ctx.locals
+  if not t then t = {}; ctx.locals = t end
+  return t
+end
+
+--- True inside a unit of work.
+function M.active()
+  local ctx = context()
+  return ctx ~= nil and ctx.active == true
+end
+
+return M
