@@ -653,6 +653,25 @@ static int l_exit(lua_State *L) {
   return 1;
 }
 
+/* os.exit(code [, close]): inside a fiber it is fibril.exit, so the process ends through the
+ * usual teardown (every handle closed, every __gc run) instead of C's exit() in the middle of
+ * a coroutine, which leaves C memory held by Lua objects unreleased. */
+static int l_os_exit(lua_State *L) {
+  int code = lua_isboolean(L, 1) ? (lua_toboolean(L, 1) ? 0 : 1) : (int)luaL_optinteger(L, 1, 0);
+  fb_fiber_t *f = S.current;
+  fflush(stdout);
+  S.exit_code = code;
+  if (f && f->co == L && lua_isyieldable(L)) {
+    S.exit_requested = 1;
+    uv_stop(S.loop);
+    f->wait = W_FOREVER;
+    f->wait_who = "os.exit";
+    f->state = FS_SUSPENDED;
+    return lua_yield(L, 0);
+  }
+  exit(code);
+}
+
 /* context() -> the running fiber's context table, or nil (none, or not in a fiber). */
 static int l_context(lua_State *L) {
   fb_fiber_t *f = S.current;
@@ -784,6 +803,10 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   S.mt_gc_ref = new_fiber_metatable(L, 1);
   lua_pop(L, 1);
   fb_error_init(L);
+  lua_getglobal(L, "os");
+  lua_pushcfunction(L, l_os_exit);
+  lua_setfield(L, -2, "exit");
+  lua_pop(L, 1);
 }
 
 int fb_sched_run_main(lua_State *L, int nargs) {

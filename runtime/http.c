@@ -29,6 +29,8 @@ static struct {
   uint64_t next_request;
   char id_prefix[9];
   size_t live_conns;
+  fb_http_server_t *servers;   /* every server not yet freed, for shutdown */
+  int closing;                 /* fb_http_shutdown ran: the Lua state is about to close */
 } H;
 
 typedef struct { fb_http_server_t *srv; } server_box_t;
@@ -499,7 +501,11 @@ static void on_server_closed(uv_handle_t *h) {
 static void server_maybe_free(fb_http_server_t *srv) {
   if (srv->listening != -1 || srv->nconns > 0) return;
   if (srv->box) ((server_box_t *)srv->box)->srv = NULL;
-  if (srv->handler_ref != LUA_NOREF) luaL_unref(H.L, LUA_REGISTRYINDEX, srv->handler_ref);
+  /* After shutdown the Lua state is closed or closing: its registry goes with it. */
+  if (srv->handler_ref != LUA_NOREF && !H.closing) luaL_unref(H.L, LUA_REGISTRYINDEX, srv->handler_ref);
+  if (srv->prev_srv) srv->prev_srv->next_srv = srv->next_srv;
+  else H.servers = srv->next_srv;
+  if (srv->next_srv) srv->next_srv->prev_srv = srv->prev_srv;
   free(srv);
 }
 
@@ -605,6 +611,9 @@ static int l_listen(lua_State *L) {
                             on_connection);
   if (r != 0) {
     srv->listening = 0;
+    srv->next_srv = H.servers;       /* linked like any other until its close callback */
+    if (H.servers) H.servers->prev_srv = srv;
+    H.servers = srv;
     uv_close((uv_handle_t *)&srv->tcp, on_server_closed);
     lua_pushnil(L);
     lua_pushfstring(L, "http: cannot listen on %s: %s", where,
@@ -612,6 +621,9 @@ static int l_listen(lua_State *L) {
     return 2;
   }
   srv->listening = 1;
+  srv->next_srv = H.servers;
+  if (H.servers) H.servers->prev_srv = srv;
+  H.servers = srv;
   box = lua_newuserdata(L, sizeof *box);
   box->srv = srv;
   srv->box = box;
@@ -665,7 +677,27 @@ int luaopen_fibril_core_http(lua_State *L) {
   return 1;
 }
 
-void fb_http_shutdown(void) { fb_http_write_shutdown(); }
+/* Before lua_close: every server stops listening and every connection closes now, while the
+ * response objects they point to still exist. A server whose listener is already closed may be
+ * freed by its last connection's close: nothing reads it after that. */
+void fb_http_shutdown(void) {
+  fb_http_server_t *srv, *next;
+  H.closing = 1;
+  for (srv = H.servers; srv; srv = next) {
+    fb_http_conn_t *c, *cn;
+    next = srv->next_srv;
+    if (srv->box) {
+      ((server_box_t *)srv->box)->srv = NULL;
+      srv->box = NULL;
+    }
+    server_close(srv);               /* listening until its close callback: not freed here */
+    for (c = srv->conns; c; c = cn) {
+      cn = c->next;
+      fb_http_conn_close(c);
+    }
+  }
+  fb_http_write_shutdown();
+}
 
 void fb_http_init(lua_State *L, uv_loop_t *loop) {
   H.L = L;

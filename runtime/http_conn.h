@@ -31,6 +31,7 @@ struct fb_http_server_s {
   fb_http_conn_t *conns;    /* every open connection (next/prev), for drain and close */
   int listening, draining;
   void *box;                /* the Lua userdata that points here; NULLed on close */
+  fb_http_server_t *next_srv, *prev_srv;   /* the list of servers (http.c) */
 };
 
 typedef enum {

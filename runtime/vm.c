@@ -17,6 +17,7 @@
 #include "signals.h"
 #include "process.h"
 #include "fs.h"
+#include "fswatch.h"
 
 #define SYSTEM_LUA_PATH                                                                  \
   "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;"                   \
@@ -116,6 +117,7 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   preload(L, "fibril.core.signal", luaopen_fibril_core_signal);
   preload(L, "fibril.core.process", luaopen_fibril_core_process);
   preload(L, "fibril.core.fs", luaopen_fibril_core_fs);
+  preload(L, "fibril.core.fswatch", luaopen_fibril_core_fswatch);
   fb_sched_init(L, loop);
   fb_http_init(L, loop);
   return L;

@@ -62,12 +62,13 @@ local function cleanup(h)
   assert.is_nil(log:match("Sanitizer"), log)
   for line in log:gmatch('[^\n]*msg="worker stopped"[^\n]*') do
     assert.matches('status="0"', line)
+    assert.matches('signal="none"', line)
   end
 end
 
 describe("fibril.process", function()
-  local base_procs, base_ports
-  setup(function() base_procs, base_ports = process.live() end)
+  local base_procs, base_ports, base_traps
+  setup(function() base_procs, base_ports, base_traps = process.live() end)
 
   it("runs a child and returns its exit status, also when asked again after the exit", function()
     local p = process.spawn{ "/bin/sh", args = { "-c", "exit 3" } }
@@ -159,13 +160,34 @@ describe("fibril.process", function()
     assert.matches("cannot reserve nowhere:1: bad host", err2.message)
   end)
 
+  it("traps a signal: it no longer ends the process, and signal.wait still sees it", function()
+    local status, out = support.run_script([[
+      local fibril = require "fibril"
+      local process = require "fibril.process"
+      local signal = require "fibril.core.signal"
+      local trap = process.trap("SIGUSR2")
+      local waiter = fibril.schedule(signal.wait, "SIGUSR2")
+      fibril.sleep(0.01)
+      process.kill(process.pid(), "SIGUSR2")     -- one for the wait ...
+      print(fibril.await(waiter))
+      process.kill(process.pid(), "USR2")        -- ... and one with only the trap left
+      fibril.sleep(0.05)
+      trap:close()
+      trap:close()
+      print("alive", process.live())
+    ]])
+    assert.are.equal(0, status)
+    assert.are.equal("SIGUSR2\nalive\t0\t0\t1\n", out)   -- the trap frees on the next turn
+  end)
+
   it("releases every process object and port (live() back to where it was)", function()
     collectgarbage()
     collectgarbage()
     fibril.sleep(0.02)                              -- close callbacks run on the loop
-    local procs, ports = process.live()
+    local procs, ports, traps = process.live()
     assert.are.equal(base_procs, procs)
     assert.are.equal(base_ports, ports)
+    assert.are.equal(base_traps, traps)
   end)
 end)
 
@@ -214,6 +236,16 @@ describe("fibril run --workers", function()
     assert.matches('msg="worker exited: restarting"[^\n]*signal="SIGKILL"', h.log())
   end)
 
+  it("fails with one line and status 1 when the port is taken", function()
+    local srv, port = support.http_server(function() end)
+    local status, _, err = support.run(("run '%s' --port %d --workers 2 --env test")
+                                       :format(app_dir(), port))
+    srv:close()
+    assert.are.equal(1, status)
+    assert.are.equal(("fibril: http: cannot listen on 127.0.0.1:%d: address already in use\n")
+                     :format(port), err)
+  end)
+
   it("has its workers drain and exit when the master dies", function()
     h = support.start_app(app_dir(), "--workers 2 --env test")
     local workers = pids_until(h.port, function(s) return count(s) >= 2 end)
@@ -231,10 +263,12 @@ describe("fibril run --workers", function()
 
   it("drains on SIGTERM: a request in flight completes and the master exits 0", function()
     h = support.start_app_status(app_dir(), "--workers 2 --env test")
-    pids_until(h.port, function(s) return count(s) >= 2 end)
+    local workers = pids_until(h.port, function(s) return count(s) >= 2 end)
     local slow = fibril.schedule(get, h.port, "/slow")
     fibril.sleep(0.3)
     h.stop("TERM")
+    fibril.sleep(0.1)
+    for pid in pairs(workers) do process.kill(pid, "TERM") end   -- a repeat is no kill
     local res = fibril.await(slow)
     assert.are.equal(200, res.status)
     assert.matches("^slow %d+$", res.body)

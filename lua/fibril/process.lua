@@ -1,5 +1,5 @@
 --- fibril.process: child processes for fibers (spawn, wait, kill), this process's pid and
---- parent pid, and a TCP port held without listening (fibril.workers' master keeps one).
+--- parent pid, signal traps, and a TCP port held without listening (for fibril.workers).
 --- wait suspends only the calling fiber. Failures raise error objects ({ code, message }).
 local core = require "fibril.core.process"
 local fcore = require "fibril.core.fiber"
@@ -170,8 +170,30 @@ function Reservation:port() return self._r:port() end
 --- Releases the port. Idempotent.
 function Reservation:close() self._r:close() end
 
---- Child process objects not yet freed, and reserved ports open (both return to 0).
----@return integer processes, integer ports
+local Trap = {}
+Trap.__index = Trap
+
+--- Traps a signal: while the trap is open the signal never takes its default action (for
+--- SIGTERM, ending the process) in this process. It still wakes every fiber in
+--- `signal.wait`, and is otherwise ignored. A server that has begun draining on its first
+--- SIGTERM keeps one so that a repeated SIGTERM does not kill it.
+---@param sig string|number "SIGTERM", "TERM", 15
+---@return table trap with close() (idempotent; the garbage collector closes it too)
+function M.trap(sig)
+  if type(sig) ~= "string" and type(sig) ~= "number" then
+    error("process.trap: signal must be a name (\"SIGTERM\", \"TERM\") or a number", 2)
+  end
+  local t, msg, code = core.trap(sig)
+  if not t then raise("process.trap: " .. tostring(msg), code) end
+  return setmetatable({ _t = t }, Trap)
+end
+
+--- Releases the trap: the signal's default action applies again when nothing else handles it.
+function Trap:close() self._t:close() end
+
+--- Child process objects not yet freed, reserved ports open and traps not yet freed (all
+--- return to 0).
+---@return integer processes, integer ports, integer traps
 M.live = core.live
 
 return M

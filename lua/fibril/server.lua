@@ -5,6 +5,7 @@ local signal = require "fibril.core.signal"
 local fibril = require "fibril"
 local Controller = require "fibril.controller"
 local static = require "fibril.static"
+local executor = require "fibril.executor"
 
 local tostring, xpcall, pairs, setmetatable, rawset, rawget, concat, format, os_getenv =
       tostring, xpcall, pairs, setmetatable, rawset, rawget, table.concat, string.format, os.getenv
@@ -41,10 +42,16 @@ end
 ---@param app table from fibril.app.load
 ---@return function
 function M.handler(app)
-  local router, controllers = app.router, app.controllers
   local development = app.env == "development" or app.env == "test"
 
+  -- Read from app for every request: the reloader swaps router and controllers in place.
   local function serve(req, res)
+    if app.load_error then
+      -- The changed code does not load: say where, until the file is fixed.
+      return plain(res, 500, format("Internal Server Error (request %s)\n\nthe app's code does not "
+                                    .. "load:\n%s\n", req.id, app.load_error))
+    end
+    local router = app.router
     req[RES] = res
     setmetatable(req, request_mt)
     if app.public and (req.method == "GET" or req.method == "HEAD")
@@ -58,13 +65,18 @@ function M.handler(app)
       return plain(res, 404, "Not Found\n")
     end
     if route.handler then return route.handler(req, res, params) end
-    local out = Controller.dispatch(controllers[route.controller], route.action, req, params,
+    local out = Controller.dispatch(app.controllers[route.controller], route.action, req, params,
                                     route.controller)
     return res:send(out.status, out.headers, out.body)
   end
 
+  -- Each request is one unit of work (docs/executor.md), tagged with its request id.
+  local function unit(req, res)
+    return executor.wrap(serve, { tags = { req = req.id } }, req, res)
+  end
+
   return function(req, res)
-    local ok, err = xpcall(serve, Controller.with_traceback, req, res)
+    local ok, err = xpcall(unit, Controller.with_traceback, req, res)
     if ok then
       -- A function route that forgot to answer must not leave the client waiting forever.
       if not res:started() then
@@ -119,10 +131,15 @@ end
 
 --- Runs the app in this process until a signal drains it. Returns the exit status.
 function M.run(app)
+  require("fibril.log").configure(app.config.log)
   local server = M.listen(app)
+  local reloading = app.config.reload and app.env ~= "production"
+                    and require("fibril.reloader").start(app)
   log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
-                             env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main" })
+                             env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main",
+                             reload = reloading and "on" or "off" })
   M.drain_on_signal(app, server)
+  if reloading then reloading.stop() end
   return 0
 end
 

@@ -52,8 +52,8 @@ local function spawn_worker(m, slot)
   local args = { "run", app.dir, "--workers", "1", "--port", tostring(m.port),
                  "--host", app.config.host, "--env", app.env, "--reuseport-worker",
                  app.config.reload and "--reload" or "--no-reload" }
-  -- detached (a session of its own): a terminal's Ctrl-C reaches the master only, which
-  -- forwards one SIGTERM; a second signal racing the first would find no handler.
+  -- detached (a session of its own): a terminal's Ctrl-C reaches the master only, and the
+  -- master alone decides when and how the workers stop.
   return process.spawn{ file = m.exe, args = args, detached = true,
                         env = { FIBRIL_WORKER = tostring(slot.i),
                                 FIBRIL_MASTER_PID = tostring(m.pid) } }
@@ -143,7 +143,12 @@ function M.run(app)
   end
   local ok, reserved = pcall(process.reserve_port, cfg.host, cfg.port)
   if not ok then
-    stderr:write("fibril: ", tostring(reserved), "\n")
+    local msg = tostring(reserved)
+    if fibril.is_error(reserved, "EADDRINUSE") then   -- the single-process server's words
+      msg = format("http: cannot listen on %s: address already in use",
+                   url_of(cfg.host, cfg.port):sub(8))
+    end
+    stderr:write("fibril: ", msg, "\n")
     return 1
   end
   -- Waiting for the signal starts now, before any worker runs: a SIGTERM during boot
@@ -168,35 +173,32 @@ function M.run(app)
   return 0
 end
 
--- In a worker: until the first SIGTERM/SIGINT, checks every PARENT_CHECK seconds that the
--- master still runs, and when it is gone sends itself SIGTERM (so the server drains). After
--- the first signal it keeps a handler installed: a repeated SIGTERM is then ignored rather
--- than fatal (with no handler left, the default action would kill the draining worker).
-local function guard(master)
-  local draining = false
-  while true do
-    local sig, err = signal.wait("SIGTERM", "SIGINT", M.PARENT_CHECK)
-    if sig then
-      draining = true
-    elseif fibril.is_error(err, "cancelled") then
-      return                                  -- the server has returned: the process ends
-    elseif not draining and process.ppid() ~= master then
-      draining = true
+-- In a worker: every PARENT_CHECK seconds, checks that the master still runs; once it is
+-- gone, sends this process SIGTERM, so the server drains as if the master had asked.
+local function watch_master(master)
+  while pcall(sleep, M.PARENT_CHECK) do
+    if process.ppid() ~= master then
       log("warn", "master is gone: draining", { master = master, worker = getenv("FIBRIL_WORKER") })
       process.kill(process.pid(), "SIGTERM")
+      return
     end
-  end
+  end                                          -- cancelled: the server has returned
 end
 
 --- Runs a worker (`fibril run ... --reuseport-worker`, started by the master): the plain
---- single-process server, listening with SO_REUSEPORT, plus the guard above.
+--- single-process server, listening with SO_REUSEPORT, plus a watch on the master.
+--- SIGTERM and SIGINT stay trapped for the worker's life: the server's one-shot wait ends
+--- at the first signal, and a second one (the master forwarding what systemd also sent to
+--- every process of the unit, or a second Ctrl-C) must not kill the drain half-way.
 ---@return integer status
 function M.worker(app)
   app.reuseport = true
+  local traps = { process.trap("SIGTERM"), process.trap("SIGINT") }
   local master = tonumber(getenv("FIBRIL_MASTER_PID") or "") or process.ppid()
-  local watcher = fibril.schedule(guard, master)
+  local watcher = fibril.schedule(watch_master, master)
   local ok, status = pcall(server.run, app)
   fibril.cancel(watcher)
+  for _, t in ipairs(traps) do t:close() end
   if not ok then
     stderr:write("fibril: ", tostring(status), "\n")
     return 1
