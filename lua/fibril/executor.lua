@@ -71,15 +71,43 @@ local function add_traceback(err)
   return e
 end
 
-local function finish(ctx, previous, ok, ...)
-  for i = #complete_callbacks, 1, -1 do
-    call_safely("to_complete", complete_callbacks[i], ok, (not ok) and (...) or nil)
+-- After the unit: to_complete in reverse, then the context is retired. Returns ok, ...
+local function complete(ctx, previous, ok, ...)
+  local n = #complete_callbacks
+  if n > 0 then
+    local err = (not ok) and (...) or nil
+    for i = n, 1, -1 do call_safely("to_complete", complete_callbacks[i], ok, err) end
   end
   ctx.active = false
   ctx.locals = nil                         -- unit state never outlives the unit
-  set_context(previous)
+  if previous then set_context(previous) end   -- a fresh fiber ends with its unit: no restore
+  return ok, ...
+end
+
+local function raise_or_return(ok, ...)
   if not ok then error((...), 0) end
   return ...
+end
+
+--- Like wrap, but never raises the unit's error: returns true, results... or false, err (the
+--- error object, with its traceback). The framework's own units use this.
+---@param tags table|nil log tags for the unit ({ req = id })
+function M.call(fn, tags, ...)
+  local previous = context()
+  if previous and previous.active then return xpcall(fn, add_traceback, ...) end
+  if before_unit then before_unit() end
+  local ctx = { active = true, tags = tags }
+  if not set_context(ctx) then
+    error("executor: not inside a fiber (units of work run in fibers)", 2)
+  end
+  for i = 1, #run_callbacks do
+    local err = call_safely("to_run", run_callbacks[i])
+    if err then
+      -- The unit cannot trust its set-up: it does not run, but what did run is released.
+      return complete(ctx, previous, false, add_traceback(err))
+    end
+  end
+  return complete(ctx, previous, xpcall(fn, add_traceback, ...))
 end
 
 --- Runs fn(...) as one unit of work and returns its results (or raises its error, after the
@@ -89,19 +117,7 @@ end
 function M.wrap(fn, opts, ...)
   local previous = context()
   if previous and previous.active then return fn(...) end
-  if before_unit then before_unit() end
-  local ctx = { active = true, tags = opts and opts.tags or nil }
-  if not set_context(ctx) then
-    error("executor.wrap: not inside a fiber (units of work run in fibers)", 2)
-  end
-  for i = 1, #run_callbacks do
-    local err = call_safely("to_run", run_callbacks[i])
-    if err then
-      -- The unit cannot trust its set-up: it does not run, but what did run is released.
-      return finish(ctx, previous, false, add_traceback(err))
-    end
-  end
-  return finish(ctx, previous, xpcall(fn, add_traceback, ...))
+  return raise_or_return(M.call(fn, opts and opts.tags, ...))
 end
 
 --- The current unit's local state: a table that lives as long as the unit (shared with the

@@ -7,8 +7,8 @@ local Controller = require "fibril.controller"
 local static = require "fibril.static"
 local executor = require "fibril.executor"
 
-local tostring, xpcall, pairs, setmetatable, rawset, rawget, concat, format, os_getenv =
-      tostring, xpcall, pairs, setmetatable, rawset, rawget, table.concat, string.format, os.getenv
+local tostring, pairs, setmetatable, rawset, rawget, concat, format, os_getenv =
+      tostring, pairs, setmetatable, rawset, rawget, table.concat, string.format, os.getenv
 local stderr = io.stderr
 
 local M = {}
@@ -71,12 +71,9 @@ function M.handler(app)
   end
 
   -- Each request is one unit of work (docs/executor.md), tagged with its request id.
-  local function unit(req, res)
-    return executor.wrap(serve, { tags = { req = req.id } }, req, res)
-  end
-
+  local call = executor.call
   return function(req, res)
-    local ok, err = xpcall(unit, Controller.with_traceback, req, res)
+    local ok, err = call(serve, { req = req.id }, req, res)
     if ok then
       -- A function route that forgot to answer must not leave the client waiting forever.
       if not res:started() then
