@@ -80,7 +80,7 @@ local function complete(ctx, previous, ok, ...)
   end
   ctx.active = false
   ctx.locals = nil                         -- unit state never outlives the unit
-  if previous then set_context(previous) end   -- a fresh fiber ends with its unit: no restore
+  set_context(previous)                    -- the fiber may live on (a script, a test runner)
   return ok, ...
 end
 
