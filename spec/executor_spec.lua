@@ -107,6 +107,15 @@ describe("fibril.executor", function()
     assert.matches('msg="after the unit"$', lines[3])
   end)
 
+  it("leaves the calling fiber without a context after the unit", function()
+    local core = require "fibril.core.fiber"
+    assert.is_nil(core.context())
+    executor.wrap(function() assert.is_not_nil(core.context()) end)
+    pcall(executor.wrap, function() error("x") end)
+    assert.is_nil(core.context())
+    assert.is_nil(fibril.await(fibril.schedule(function() return core.context() end)))
+  end)
+
   it("calls to_prepare callbacks when asked (after a reload)", function()
     local prepared = 0
     on("to_prepare", function() prepared = prepared + 1 end)
