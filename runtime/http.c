@@ -37,6 +37,25 @@ typedef struct { fb_http_server_t *srv; } server_box_t;
 
 static void parse(fb_http_conn_t *c, const char *data, size_t len);
 
+/* Header span arrays: 1.6 KiB each, needed only while a head is being parsed. A small pool
+ * keeps malloc off the per-request path; 10,000 idle connections hold none. */
+#define SPAN_POOL 64
+static header_span_t *span_pool[SPAN_POOL];
+static int span_pool_n;
+
+static header_span_t *spans_get(void) {
+  if (span_pool_n > 0) return span_pool[--span_pool_n];
+  return malloc(FB_HTTP_MAX_HEADERS * sizeof(header_span_t));
+}
+
+static void spans_put(fb_http_conn_t *c) {
+  if (!c->headers) return;
+  if (span_pool_n < SPAN_POOL) span_pool[span_pool_n++] = c->headers;
+  else free(c->headers);
+  c->headers = NULL;
+  c->nheaders = 0;
+}
+
 /* ---- connection lifecycle ------------------------------------------------------------ */
 
 static void on_conn_handle_closed(uv_handle_t *h) {
@@ -55,6 +74,7 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   fb_http_server_t *srv = c->srv;
   if (c->state == CS_CLOSING && c->closes) return;
   c->state = CS_CLOSING;
+  spans_put(c);
   if (c->res_box) {
     *(fb_http_conn_t **)c->res_box = NULL;   /* the handler's res object now reports closed */
     c->res_box = NULL;
@@ -220,6 +240,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   fb_http_conn_t *c = p->data;
   if (c->nheaders == 0 || c->last_was_value) {
     header_span_t *h;
+    if (!c->headers && !(c->headers = spans_get())) return fail(c, 503, "out_of_memory");
     if (c->nheaders == FB_HTTP_MAX_HEADERS) return fail(c, 431, "too_many_headers");
     h = &c->headers[c->nheaders++];
     h->name_off = (uint32_t)c->head.len;
@@ -416,6 +437,7 @@ static void dispatch(fb_http_conn_t *c) {
   fb_http_push_response(L, c);               /* stack: keys handler req res */
   fb_fiber_spawn(L, 2);
   lua_settop(L, keys - 1);                   /* the fiber handle and the keys */
+  spans_put(c);
   if (c->body.cap > 65536) fb_buf_free(&c->body);   /* do not keep a big body per connection */
 }
 
@@ -696,6 +718,7 @@ void fb_http_shutdown(void) {
       fb_http_conn_close(c);
     }
   }
+  while (span_pool_n > 0) free(span_pool[--span_pool_n]);   /* after the closes returned theirs */
   fb_http_write_shutdown();
 }
 

@@ -61,7 +61,8 @@ struct fb_http_conn_s {
   /* The request being parsed: url and header names/values packed in head. */
   fb_buf_t head;
   size_t url_len;
-  header_span_t headers[FB_HTTP_MAX_HEADERS];
+  header_span_t *headers;   /* FB_HTTP_MAX_HEADERS spans, borrowed from a pool while a head
+                               is parsed and returned at dispatch: idle connections hold none */
   int nheaders;
   int last_was_value;       /* llhttp may split a field or value over several callbacks */
   int head_scan;            /* bytes of the CRLF CRLF that ends the head seen (bare LF check) */
