@@ -83,6 +83,12 @@ static struct {
                              an error (refs to release, an unobserved error to report) */
   fb_fiber_t *live;       /* every live fiber (live_next/live_prev): closed at shutdown */
   size_t live_fibers, live_handles;
+  /* Coroutines of fibers that returned nothing, kept anchored for the next fiber: LuaJIT
+   * resumes a finished coroutine afresh when a new function is pushed on it, and reuse saves
+   * a lua_newthread and its collection per fiber (one per HTTP request). */
+  lua_State *pool[256];
+  int pool_ref[256];
+  int npool;
 } S;
 
 static void fiber_finish(fb_fiber_t *f, int ok);
@@ -272,9 +278,15 @@ fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
   lua_setmetatable(L, -2);
   t = fb_anchors_push(L);                       /* stack: fn args... ud anchors */
-  co = lua_newthread(L);                     /* stack: fn args... ud anchors co */
+  if (S.npool > 0) {
+    S.npool--;
+    co = S.pool[S.npool];                    /* already anchored by its old slot */
+    f->co_ref = S.pool_ref[S.npool];
+  } else {
+    co = lua_newthread(L);                   /* stack: fn args... ud anchors co */
+    f->co_ref = fb_anchor(L, t);
+  }
   f->co = co;
-  f->co_ref = fb_anchor(L, t);
   lua_pushvalue(L, -2);
   f->self_ref = fb_anchor(L, t);
   /* A fiber scheduled from inside a unit of work inherits its context (log tags, locals). */
@@ -383,7 +395,13 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   }
   t = fb_anchors_push(S.L);                     /* S.L stack: anchors (popped at the end) */
   if (k == 0) {                              /* nothing on its stack is needed any more */
-    fb_unanchor(S.L, t, f->co_ref);
+    if (ok && S.npool < (int)(sizeof S.pool / sizeof S.pool[0])) {
+      lua_settop(f->co, 0);
+      S.pool[S.npool] = f->co;               /* finished cleanly: reusable */
+      S.pool_ref[S.npool++] = f->co_ref;
+    } else {
+      fb_unanchor(S.L, t, f->co_ref);
+    }
     f->co_ref = NO_SLOT;
     f->co = NULL;
   }
@@ -722,7 +740,7 @@ static int l_live(lua_State *L) {
   lua_createtable(L, 0, 4);
   lua_pushnumber(L, (lua_Number)S.live_fibers);
   lua_setfield(L, -2, "fibers");
-  lua_pushnumber(L, (lua_Number)fb_anchor_live());
+  lua_pushnumber(L, (lua_Number)(fb_anchor_live() - (size_t)S.npool));  /* the pool: a cache */
   lua_setfield(L, -2, "refs");
   lua_pushnumber(L, (lua_Number)S.live_handles);
   lua_setfield(L, -2, "handles");
