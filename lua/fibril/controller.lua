@@ -160,9 +160,14 @@ end
 
 -- ---- one request -------------------------------------------------------------------------
 
+-- Requests without cookies share one empty, read-only table (set_cookie is the way to write).
+local NO_COOKIES = setmetatable({}, { __newindex = function()
+  error("controller: self.cookies holds the request's cookies; use self:set_cookie to set one", 2)
+end })
+
 local function parse_cookies(header)
+  if not header then return NO_COOKIES end
   local t = {}
-  if not header then return t end
   for pair in (header .. ";"):gmatch("%s*([^;]*);") do
     local k, v = match(pair, "^([^=]+)=(.*)$")
     if k then
@@ -275,7 +280,7 @@ function Controller.dispatch(C, action, req, path_params, controller_name)
   local self = setmetatable({
     request = req, params = params or {}, action_name = action,
     controller_name = controller_name or C.name,
-    cookies = parse_cookies(req.headers["cookie"]),
+    cookies = parse_cookies(rawget(req.headers, "cookie")),
   }, C)
   if perr then
     self._response = { status = 400, headers = { ["Content-Type"] = "text/plain" }, body = perr .. "\n" }
