@@ -72,7 +72,7 @@ static void server_maybe_free(fb_http_server_t *srv);
 
 void fb_http_conn_close(fb_http_conn_t *c) {
   fb_http_server_t *srv = c->srv;
-  if (c->state == CS_CLOSING && c->closes) return;
+  if (c->closes) return;                     /* closing already (whatever the state says) */
   c->state = CS_CLOSING;
   spans_put(c);
   if (c->res_box) {
@@ -100,7 +100,9 @@ void fb_http_conn_close(fb_http_conn_t *c) {
 static void on_timeout(uv_timer_t *t) {
   fb_http_conn_t *c = t->data;
   switch (c->state) {
-  case CS_IDLE:                    /* an idle keep-alive connection: just close */
+  case CS_IDLE:                    /* idle keep-alive, or a response the client never read */
+    if (c->write_queued)
+      fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
     fb_http_conn_close(c);
     break;
   case CS_HEAD:
@@ -109,7 +111,10 @@ static void on_timeout(uv_timer_t *t) {
            c->state == CS_HEAD ? "header_timeout" : "body_timeout");
     fb_http_send_error(c, 408);
     break;
-  default:
+  case CS_DISPATCHED:
+  case CS_CLOSING:                 /* armed only while response bytes are stuck */
+    fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
+    fb_http_conn_close(c);
     break;
   }
 }
@@ -117,6 +122,22 @@ static void on_timeout(uv_timer_t *t) {
 static void arm_timer(fb_http_conn_t *c, uint64_t ms) {
   if (ms == 0) uv_timer_stop(&c->timer);
   else uv_timer_start(&c->timer, on_timeout, ms, 0);
+}
+
+void fb_http_write_progress(fb_http_conn_t *c) {
+  fb_http_limits_t *lim = &c->srv->limits;
+  if (c->closes) return;
+  switch (c->state) {
+  case CS_IDLE:
+    arm_timer(c, c->write_queued ? lim->send_timeout_ms : lim->keepalive_timeout_ms);
+    break;
+  case CS_DISPATCHED:              /* the handler runs as long as it likes; a stuck client not */
+  case CS_CLOSING:
+    arm_timer(c, c->write_queued ? lim->send_timeout_ms : 0);
+    break;
+  default:                         /* reading a request: its own timer applies */
+    break;
+  }
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -323,7 +344,8 @@ static int on_headers_complete(llhttp_t *p) {
   if (has_body) {
     if (c->expect_continue && !c->http10) {
       static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-      fb_http_write(c, cont, sizeof cont - 1, NULL, 0);
+      if (fb_http_write(c, cont, sizeof cont - 1, NULL, 0) != 0)
+        return HPE_USER;                     /* the connection is closing: parse no further */
     }
     c->state = CS_BODY;
     arm_timer(c, lim->body_timeout_ms);
@@ -333,6 +355,7 @@ static int on_headers_complete(llhttp_t *p) {
 
 static int on_body(llhttp_t *p, const char *at, size_t len) {
   fb_http_conn_t *c = p->data;
+  if (c->closes) return HPE_USER;
   if (fb_buf_append(&c->body, at, len) != 0) return fail(c, 413, "body_too_large");
   arm_timer(c, c->srv->limits.body_timeout_ms);    /* idle time, so re-armed per chunk */
   return 0;
@@ -380,7 +403,9 @@ static void dispatch(fb_http_conn_t *c) {
     memcpy(c->path_log, url, n);
     c->path_log[n] = '\0';
   }
-  c->keep_alive = llhttp_should_keep_alive(&c->parser);
+  /* Upgrades (WebSocket, h2c) are not served: answered as plain HTTP, then closed, since what
+   * follows on the connection would not be HTTP. */
+  c->keep_alive = llhttp_should_keep_alive(&c->parser) && !llhttp_get_upgrade(&c->parser);
   c->chunked = c->head_sent = c->res_done = 0;
   c->bytes_sent = 0;
   c->content_length = -1;
@@ -443,6 +468,7 @@ static void dispatch(fb_http_conn_t *c) {
 
 static int on_message_complete(llhttp_t *p) {
   fb_http_conn_t *c = p->data;
+  if (c->closes) return HPE_USER;            /* never dispatch on a closing connection */
   c->state = CS_DISPATCHED;
   uv_timer_stop(&c->timer);
   dispatch(c);
@@ -464,7 +490,12 @@ static void parse(fb_http_conn_t *c, const char *data, size_t len) {
     }
   }
   err = llhttp_execute(&c->parser, data, len);
+  if (c->closes) return;                     /* a callback's write failed: nothing more to do */
   if (err == HPE_OK) return;
+  if (err == HPE_PAUSED_UPGRADE) {    /* see dispatch(): closed after the response */
+    if (c->state != CS_DISPATCHED) fb_http_conn_close(c);
+    return;
+  }
   if (err == HPE_PAUSED) {
     const char *pos = llhttp_get_error_pos(&c->parser);
     size_t used = pos ? (size_t)(pos - data) : len;
@@ -486,6 +517,7 @@ static void parse(fb_http_conn_t *c, const char *data, size_t len) {
 void fb_http_request_done(fb_http_conn_t *c) {
   fb_buf_t pending;
   if (c->srv->access_log) fb_http_access_log(c);
+  c->status = 0;                     /* parse() reads a non-zero status as "a limit was hit" */
   if (c->res_box) {
     *(fb_http_conn_t **)c->res_box = NULL;
     c->res_box = NULL;
@@ -493,10 +525,11 @@ void fb_http_request_done(fb_http_conn_t *c) {
   if (!c->keep_alive || c->srv->draining || (c->peer_eof && c->pending.len == 0)) {
     c->state = CS_CLOSING;           /* closed once the response has left (http_write.c) */
     if (c->write_queued == 0) fb_http_conn_close(c);
+    else fb_http_write_progress(c);  /* ... or when the client stops reading it */
     return;
   }
   c->state = CS_IDLE;
-  arm_timer(c, c->srv->limits.keepalive_timeout_ms);
+  fb_http_write_progress(c);         /* keep-alive timer, or send timer while bytes wait */
   llhttp_resume(&c->parser);
   if (c->pending.len) {
     /* Parse what arrived meanwhile; parse() may pause again and keep a new remainder. */
@@ -615,7 +648,9 @@ static int l_listen(lua_State *L) {
   srv->limits.body_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
   lua_getfield(L, 1, "keepalive_timeout");
   srv->limits.keepalive_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 5) * 1000);
-  lua_pop(L, 3);
+  lua_getfield(L, 1, "send_timeout");
+  srv->limits.send_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
+  lua_pop(L, 4);
   lua_getfield(L, 1, "access_log");
   srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -18,7 +18,7 @@ typedef struct fb_http_conn_s fb_http_conn_t;
 
 typedef struct {
   size_t max_header_bytes, max_body_bytes, max_url_bytes, write_high_water;
-  uint64_t header_timeout_ms, body_timeout_ms, keepalive_timeout_ms;
+  uint64_t header_timeout_ms, body_timeout_ms, keepalive_timeout_ms, send_timeout_ms;
   unsigned max_connections;
 } fb_http_limits_t;
 
@@ -87,6 +87,9 @@ struct fb_http_conn_s {
 
 /* http.c */
 void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the close callbacks */
+/* The response's bytes are stuck or moving: re-arms the send timeout while some are queued
+ * (the client must keep reading), or the keep-alive timeout once an idle connection's are out. */
+void fb_http_write_progress(fb_http_conn_t *c);
 /* The response is complete: log it, then read the next request or close. */
 void fb_http_request_done(fb_http_conn_t *c);
 

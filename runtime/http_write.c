@@ -108,6 +108,7 @@ static void on_written(uv_write_t *req, int status) {
     fb_fiber_ready(f, 1);
   }
   if (c->state == CS_CLOSING && c->write_queued == 0) fb_http_conn_close(c);
+  else fb_http_write_progress(c);    /* the client read some: it gets send_timeout again */
 }
 
 /* Writes bufs in order: straight to the socket when it takes them, the rest copied into one
@@ -147,6 +148,7 @@ static int writev_bufs(fb_http_conn_t *c, uv_buf_t *bufs, int n) {
     fb_http_conn_close(c);
     return -1;
   }
+  fb_http_write_progress(c);         /* bytes wait for the client: the send timeout runs */
   return 0;
 }
 
@@ -377,7 +379,9 @@ static int l_res_write(lua_State *L) {
     if (r != 0) return closed(L);
   }
   if (c->write_queued > c->srv->limits.write_high_water) {
-    fb_fiber_t *f = fb_fiber_check(L, "res:write");
+    fb_fiber_t *f;
+    if (c->write_waiter) return luaL_error(L, "http: another fiber is already waiting in res:write");
+    f = fb_fiber_check(L, "res:write");
     c->write_waiter = f;
     fb_fiber_on_cancel(f, write_cancel, c);
     return fb_fiber_suspend(L, f, -1);
@@ -401,6 +405,18 @@ static int l_res_finish(lua_State *L) {
   fb_http_request_done(c);
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* __gc: a response object nobody can reach any more cannot finish its response, and the
+ * connection must not keep a pointer into freed Lua memory: drop the connection. */
+static int l_res_gc(lua_State *L) {
+  res_box_t *box = luaL_checkudata(L, 1, RES_MT);
+  fb_http_conn_t *c = box->c;
+  if (!c) return 0;
+  box->c = NULL;
+  c->res_box = NULL;
+  fb_http_conn_close(c);
+  return 0;
 }
 
 /* res:abort(): drops the connection now (a body that cannot be completed). */
@@ -449,6 +465,8 @@ int luaopen_fibril_core_http_response(lua_State *L) {
     lua_newtable(L);
     luaL_setfuncs(L, methods, 0);
     lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_res_gc);
+    lua_setfield(L, -2, "__gc");
   }
   return 1;                            /* the metatable: fibril/server.lua may extend it */
 }

@@ -13,11 +13,15 @@
 
 #define MAX_SIGNALS 4
 
-typedef struct {
+typedef struct sigwait_s sigwait_t;
+struct sigwait_s {
   uv_signal_t h[MAX_SIGNALS];
   int n, closing;
   fb_fiber_t *fiber;      /* NULL once the wait is over */
-} sigwait_t;
+  sigwait_t *next, *prev; /* waits in progress, ended at lua_close by the sentinel's __gc */
+};
+
+static sigwait_t *live;
 
 static const struct { const char *name; int signum; } known[] = {
   { "SIGTERM", SIGTERM }, { "SIGINT", SIGINT }, { "SIGHUP", SIGHUP },
@@ -39,6 +43,10 @@ static void on_closed(uv_handle_t *h) {
 
 static void wait_end(sigwait_t *w) {
   int i;
+  if (w->prev) w->prev->next = w->next;
+  else live = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->next = w->prev = NULL;
   w->fiber = NULL;
   w->closing = w->n;
   for (i = 0; i < w->n; i++) uv_close((uv_handle_t *)&w->h[i], on_closed);
@@ -58,40 +66,61 @@ static void on_cancel(fb_fiber_t *f, void *data) {
   wait_end(data);
 }
 
-/* wait(name, ... [, timeout]) -> name | nil, err (timeout or cancel, from the scheduler) */
+/* wait(name, ... [, timeout]) -> name | nil, err (timeout or cancel, from the scheduler).
+ * Every argument is checked before any handle starts: nothing can raise after that. */
 static int l_wait(lua_State *L) {
-  int top = lua_gettop(L), i, n = 0;
+  int top = lua_gettop(L), i, signums[MAX_SIGNALS];
   double timeout = -1;
   sigwait_t *w;
   fb_fiber_t *f;
-  if (top > 0 && lua_type(L, top) == LUA_TNUMBER) timeout = lua_tonumber(L, top--);
+  if (top > 0 && lua_type(L, top) == LUA_TNUMBER) {
+    timeout = lua_tonumber(L, top--);
+    if (!(timeout >= 0)) return luaL_error(L, "signal.wait: timeout must be a non-negative number");
+  }
   luaL_argcheck(L, top >= 1 && top <= MAX_SIGNALS, 1, "one to four signal names");
+  for (i = 1; i <= top; i++) {
+    const char *name = luaL_checkstring(L, i);
+    int k;
+    signums[i - 1] = 0;
+    for (k = 0; known[k].name; k++)
+      if (strcmp(known[k].name, name) == 0) signums[i - 1] = known[k].signum;
+    if (!signums[i - 1]) return luaL_error(L, "signal.wait: unknown signal '%s'", name);
+  }
   f = fb_fiber_check(L, "signal.wait");
   w = calloc(1, sizeof *w);
   if (!w) return luaL_error(L, "signal.wait: out of memory");
-  for (i = 1; i <= top; i++) {
-    const char *name = luaL_checkstring(L, i);
-    int k, signum = 0;
-    for (k = 0; known[k].name; k++)
-      if (strcmp(known[k].name, name) == 0) signum = known[k].signum;
-    if (!signum) {
-      w->closing = n;
-      for (k = 0; k < n; k++) uv_close((uv_handle_t *)&w->h[k], on_closed);
-      if (n == 0) free(w);
-      return luaL_error(L, "signal.wait: unknown signal '%s'", name);
-    }
-    uv_signal_init(fb_sched_loop(), &w->h[n]);
-    w->h[n].data = w;
-    uv_signal_start(&w->h[n], on_signal, signum);
-    n++;
-    w->n = n;
+  for (i = 0; i < top; i++) {
+    uv_signal_init(fb_sched_loop(), &w->h[i]);
+    w->h[i].data = w;
+    uv_signal_start(&w->h[i], on_signal, signums[i]);
   }
+  w->n = top;
   w->fiber = f;
+  w->next = live;
+  if (live) live->prev = w;
+  live = w;
   fb_fiber_on_cancel(f, on_cancel, w);
   return fb_fiber_suspend(L, f, timeout);
 }
 
+/* __gc of a registry-anchored sentinel, run by lua_close: waits still pending belong to fibers
+ * about to be freed; end them so their handles close and no signal touches a freed fiber. */
+static int l_sentinel_gc(lua_State *L) {
+  (void)L;
+  while (live) wait_end(live);
+  return 0;
+}
+
 int luaopen_fibril_core_signal(lua_State *L) {
+  if (luaL_newmetatable(L, "fibril.signal.sentinel")) {   /* once per state */
+    lua_pushcfunction(L, l_sentinel_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newuserdata(L, 1);
+    lua_pushvalue(L, -2);
+    lua_setmetatable(L, -2);
+    luaL_ref(L, LUA_REGISTRYINDEX);          /* lives until lua_close */
+  }
+  lua_pop(L, 1);
   lua_newtable(L);
   lua_pushcfunction(L, l_wait);
   lua_setfield(L, -2, "wait");

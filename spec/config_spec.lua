@@ -35,6 +35,7 @@ local DESIGN_DEFAULTS = {
     header_timeout   = 10,
     body_timeout     = 30,
     keepalive_timeout = 5,
+    send_timeout = 30,
     max_connections  = 10000,
     drain_timeout    = 30,
     write_high_water = 262144,

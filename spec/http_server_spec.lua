@@ -338,3 +338,125 @@ describe("a streamed response with a declared length", function()
     srv:close()
   end)
 end)
+
+describe("the HTTP server under hostile or broken clients", function()
+  it("keeps a big response whole for a client that reads late (no keep-alive cut)", function()
+    local body = ("z"):rep(8 * 1048576)
+    local srv, port = support.http_server(function(_, res) res:send(200, nil, body) end,
+                                          { keepalive_timeout = 0.2 })
+    local sock = support.connect(port)
+    sock:write("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    fibril.sleep(0.6)                       -- three keep-alive timeouts without reading
+    local res = support.read_response(sock)
+    assert.are.equal(#body, #res.body)
+    sock:close()
+    srv:close()
+  end)
+
+  it("closes a connection whose client stops reading its response (send_timeout)", function()
+    local body = ("z"):rep(16 * 1048576)
+    local srv, port = support.http_server(function(_, res) res:send(200, nil, body) end,
+                                          { send_timeout = 0.3 })
+    local sock = support.connect(port)
+    sock:write("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    local t0 = fibril.now()
+    while srv:connections() > 0 and fibril.now() - t0 < 3 do fibril.sleep(0.05) end
+    assert.are.equal(0, srv:connections())
+    sock:close()
+    srv:close()
+  end)
+
+  it("drops the connection when a handler fails after starting its response", function()
+    local srv, port = support.http_server(function(req, res)
+      if req.path == "/ok" then return res:send(200, nil, "fine") end
+      res:start(200, {}, 100)
+      res:write("partial")
+      res:abort()
+    end)
+    local sock = support.connect(port)
+    sock:write("GET /bad HTTP/1.1\r\nHost: t\r\n\r\n")
+    local got = sock:read_all({ timeout = 2 })
+    assert.matches("partial$", got)
+    assert.are.equal("fine", support.raw(port, "GET /ok HTTP/1.1\r\nHost: t\r\n\r\n").body)
+    sock:close()
+    srv:close()
+  end)
+
+  it("lets one fiber at a time wait in res:write", function()
+    local err
+    local srv, port = support.http_server(function(_, res)
+      res:start(200, {})
+      local chunk = ("w"):rep(1048576)
+      local a = fibril.schedule(function() for _ = 1, 4 do res:write(chunk) end end)
+      fibril.sleep(0.05)                    -- a is suspended: the client reads nothing yet
+      local ok, e = pcall(res.write, res, chunk)
+      err = e
+      fibril.await(a)
+      if ok then res:write(chunk) end
+      res:finish()
+    end, { write_high_water = 65536 })
+    local sock = support.connect(port)
+    sock:write("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    fibril.sleep(0.2)
+    support.read_response(sock)
+    assert.matches("another fiber is already waiting in res:write", tostring(err))
+    sock:close()
+    srv:close()
+  end)
+
+  it("answers an upgrade request as plain HTTP and then closes, with nothing extra", function()
+    local srv, port = support.http_server(function(req, res) res:send(200, nil, req.path) end)
+    local sock = support.connect(port)
+    sock:write("GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+               .. "GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+    local res = support.read_response(sock)
+    assert.are.equal("/ws", res.body)
+    assert.is_nil(sock:read({ timeout = 2 }))      -- closed: no second, fake response
+    sock:close()
+    srv:close()
+  end)
+
+  it("survives a client that resets the connection right after Expect: 100-continue", function()
+    local script = support.write("rst_server.lua", [[
+      local fibril = require "fibril"
+      local http = require "fibril.core.http"
+      local srv = assert(http.listen{ host = "127.0.0.1", port = 0, access_log = false,
+        handler = function(req, res) fibril.sleep(0.2) res:send(200, {}, "ok " .. req.path) end })
+      local f = io.open(arg[1], "w") f:write(srv:port()) f:close()
+      fibril.sleep(1.5)
+      srv:close()
+    ]])
+    local portfile = support.tmpdir() .. "/rst.port"
+    os.remove(portfile)
+    local status_file = support.tmpdir() .. "/rst.status"
+    os.execute(("(%s '%s' '%s' >/dev/null 2>&1; echo $? > '%s') &")
+               :format(support.fibril, script, portfile, status_file))
+    local port
+    for _ = 1, 100 do
+      local f = io.open(portfile)
+      if f then port = tonumber(f:read("*a")) f:close() end
+      if port then break end
+      fibril.sleep(0.02)
+    end
+    assert.is_not_nil(port)
+    local py = ([[python3 -c '
+import socket, struct
+for _ in range(20):
+    s = socket.create_connection(("127.0.0.1", %d))
+    s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+']]):format(port)
+    os.execute(py)
+    local res = support.raw(port, "GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert.are.equal("ok /after", res.body)
+    local status
+    for _ = 1, 200 do
+      local f = io.open(status_file)
+      if f then status = tonumber(f:read("*a")) f:close() end
+      if status then break end
+      fibril.sleep(0.02)
+    end
+    assert.are.equal(0, status)                    -- no crash, no sanitizer report
+  end)
+end)

@@ -353,7 +353,12 @@ describe("fibril.tcp", function()
 
   it("raises 'connection closed' writing to a peer that reset the connection", function()
     local port, done = peer("reset")
-    local sock = connect(port)
+    local connected, sock = pcall(connect, port)
+    if not connected then
+      -- On a busy machine the reset can arrive before the connect completes: same error.
+      assert.matches("^tcp: connection closed %(127%.0%.0%.1:" .. port, sock.message)
+      return done()
+    end
     fibril.sleep(0.05)                          -- the RST arrives
     local ok, err
     for _ = 1, 100 do

@@ -60,6 +60,7 @@ local SCHEMA = {
   ["http.header_timeout"]    = { "number",  10,          seconds },
   ["http.body_timeout"]      = { "number",  30,          seconds },
   ["http.keepalive_timeout"] = { "number",  5,           seconds },
+  ["http.send_timeout"]      = { "number",  30,          seconds },   -- a client that stops reading
   ["http.max_connections"]   = { "number",  10000,       positive_integer },
   ["http.drain_timeout"]     = { "number",  30,          seconds },
   ["http.write_high_water"]  = { "number",  262144,      positive_integer },

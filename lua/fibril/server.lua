@@ -87,7 +87,8 @@ function M.handler(app)
     log("error", "request failed", { req = req.id, method = req.method, path = req.path,
                                      err = tostring(err) })
     if res:started() then
-      return                                         -- nothing sane to add to a half response
+      res:abort()             -- a half-sent response cannot be completed: the client must see it cut
+      return
     end
     if development then
       plain(res, 500, format("Internal Server Error (request %s)\n\n%s\n", req.id, tostring(err)))
@@ -107,6 +108,7 @@ function M.listen(app, handler)
     max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
     max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
     body_timeout = http.body_timeout, keepalive_timeout = http.keepalive_timeout,
+    send_timeout = http.send_timeout,
     max_connections = http.max_connections, write_high_water = http.write_high_water,
   }
   if not server then error(err, 0) end
