@@ -75,10 +75,7 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   if (c->closes) return;                     /* closing already (whatever the state says) */
   c->state = CS_CLOSING;
   spans_put(c);
-  if (c->res_box) {
-    *(fb_http_conn_t **)c->res_box = NULL;   /* the handler's res object now reports closed */
-    c->res_box = NULL;
-  }
+  fb_http_detach_response(c);      /* the handler's res object now reports closed */
   if (c->write_waiter) {
     fb_fiber_t *f = c->write_waiter;
     c->write_waiter = NULL;
@@ -518,10 +515,7 @@ void fb_http_request_done(fb_http_conn_t *c) {
   fb_buf_t pending;
   if (c->srv->access_log) fb_http_access_log(c);
   c->status = 0;                     /* parse() reads a non-zero status as "a limit was hit" */
-  if (c->res_box) {
-    *(fb_http_conn_t **)c->res_box = NULL;
-    c->res_box = NULL;
-  }
+  fb_http_detach_response(c);
   if (!c->keep_alive || c->srv->draining || (c->peer_eof && c->pending.len == 0)) {
     c->state = CS_CLOSING;           /* closed once the response has left (http_write.c) */
     if (c->write_queued == 0) fb_http_conn_close(c);

@@ -15,7 +15,8 @@
 
 #define RES_MT "fibril.http.response"
 
-typedef struct { fb_http_conn_t *c; } res_box_t;
+#define RES_MAGIC 0x72657370u        /* "resp": tells a response box from other userdata */
+typedef struct { unsigned magic; fb_http_conn_t *c; } res_box_t;
 
 typedef struct {
   uv_write_t req;
@@ -31,6 +32,9 @@ static struct {
   time_t date_at;
   char log_ts[32];      /* "2026-11-25T10:04:05", rebuilt once per second */
   time_t log_ts_at;
+  int res_mt_ref;       /* response metatable with __gc (a response still open) */
+  int res_done_mt_ref;  /* the same without __gc: set once the response is done, so most
+                           response objects are collected without a finalizer call */
   char log[65536];      /* access log lines not yet written to stdout */
   size_t log_len;
   uv_timer_t log_timer;  /* flushes the access log; started with the first line */
@@ -285,15 +289,33 @@ static void build_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, lo
 
 void fb_http_push_response(lua_State *L, fb_http_conn_t *c) {
   res_box_t *box = lua_newuserdata(L, sizeof *box);
+  box->magic = RES_MAGIC;
   box->c = c;
   c->res_box = box;
-  luaL_getmetatable(L, RES_MT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, W.res_mt_ref);
   lua_setmetatable(L, -2);
 }
 
-static fb_http_conn_t *check_res(lua_State *L) {
-  res_box_t *box = luaL_checkudata(L, 1, RES_MT);
-  return box->c;
+void fb_http_detach_response(fb_http_conn_t *c) {
+  if (!c->res_box) return;
+  ((res_box_t *)c->res_box)->c = NULL;
+  c->res_box = NULL;
+}
+
+static res_box_t *check_box(lua_State *L) {
+  res_box_t *box = lua_touserdata(L, 1);
+  if (!box || lua_objlen(L, 1) != sizeof *box || box->magic != RES_MAGIC)
+    luaL_error(L, "http: expected a response object, got %s", luaL_typename(L, 1));
+  return box;
+}
+
+static fb_http_conn_t *check_res(lua_State *L) { return check_box(L)->c; }
+
+/* The response at index 1 is done: its connection no longer points at it, so it needs no
+ * finalizer. */
+static void response_done(lua_State *L) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, W.res_done_mt_ref);
+  lua_setmetatable(L, 1);
 }
 
 static int closed(lua_State *L) {
@@ -323,6 +345,7 @@ static int l_res_send(lua_State *L) {
   c->bytes_sent = blen;
   if (fb_http_write(c, scratch.data, scratch.len, body, blen) != 0) return closed(L);
   fb_http_request_done(c);
+  response_done(L);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -403,6 +426,7 @@ static int l_res_finish(lua_State *L) {
   if (c->chunked && !c->head_only && fb_http_write(c, "0\r\n\r\n", 5, NULL, 0) != 0)
     return closed(L);
   fb_http_request_done(c);
+  response_done(L);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -410,7 +434,7 @@ static int l_res_finish(lua_State *L) {
 /* __gc: a response object nobody can reach any more cannot finish its response, and the
  * connection must not keep a pointer into freed Lua memory: drop the connection. */
 static int l_res_gc(lua_State *L) {
-  res_box_t *box = luaL_checkudata(L, 1, RES_MT);
+  res_box_t *box = check_box(L);
   fb_http_conn_t *c = box->c;
   if (!c) return 0;
   box->c = NULL;
@@ -461,14 +485,21 @@ int luaopen_fibril_core_http_response(lua_State *L) {
     { "finish", l_res_finish }, { "closed", l_res_closed }, { "started", l_res_started },
     { "remote", l_res_remote }, { "abort", l_res_abort }, { NULL, NULL }
   };
-  if (luaL_newmetatable(L, RES_MT)) {
+  if (luaL_newmetatable(L, RES_MT)) {      /* stack: mt */
     lua_newtable(L);
     luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "__index");
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "__index");         /* stack: mt methods */
     lua_pushcfunction(L, l_res_gc);
-    lua_setfield(L, -2, "__gc");
+    lua_setfield(L, -3, "__gc");
+    lua_createtable(L, 0, 1);               /* stack: mt methods done_mt */
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "__index");         /* stack: mt done_mt */
+    W.res_done_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, -1);
+    W.res_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
-  return 1;                            /* the metatable: fibril/server.lua may extend it */
+  return 1;                            /* the metatable */
 }
 
 /* ---- access log ---------------------------------------------------------------------- */
