@@ -1,0 +1,804 @@
+/* redis.c: Redis connections for fibers on hiredis' async API and its libuv adapter. Each
+ * command (or pipeline) is an op matched to its replies in order by hiredis; a waiting fiber
+ * is always resumed or detached. The fb_redis_t outlives hiredis' context: it is freed only
+ * once hiredis is done with it (disconnect callback, or a synchronous redisAsyncFree) and no
+ * box points to it. No Lua state is touched from a hiredis callback except to push results
+ * onto the waiting fiber's thread before fb_fiber_ready. */
+#include "redis.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <uv.h>
+
+#include <hiredis/async.h>
+#include <hiredis/adapters/libuv.h>
+
+#include "error.h"
+#include "fiber.h"
+
+#define REDIS_MT "fibril.redis"
+/* Default bound on the array elements one reply may hold, nested arrays summed: hiredis 0.14
+ * has no maxelements, so bounded_create_array checks it before hiredis allocates. */
+#define REDIS_MAX_ELEMENTS (1u << 20)
+#define REDIS_MAX_ELEMENTS_CEIL (1u << 28)
+#define REDIS_ARGV_STACK 16         /* argv arrays up to this size live on the C stack */
+#define EXACT_INT_MAX (1LL << 53)   /* larger integers come back as decimal strings */
+
+typedef struct cmd_op_s cmd_op_t;
+
+struct fb_redis_s {
+  redisAsyncContext *ac;        /* NULL once hiredis has freed (or will free) it */
+  fb_fiber_t *cfiber;           /* the fiber waiting in connect, NULL once resumed/detached */
+  char *password, *user;        /* copies kept until AUTH is queued */
+  long db;
+  int setup_pending;            /* AUTH / SELECT replies still due while connecting */
+  unsigned char connecting;     /* the connect op owns the struct (no box yet) */
+  unsigned char boxed;          /* a Lua box points here */
+  unsigned char in_free;        /* inside our own synchronous redisAsyncFree */
+  unsigned char discarding;     /* we asked hiredis to free the context */
+  const char *why, *why_code;   /* static: what ops failed by our discard report */
+  size_t max_elements, reply_elements, limit_hit;
+  cmd_op_t *ops;                /* commands awaiting replies, oldest last */
+  fb_redis_t *live_next, *live_prev;
+  char lost[192];               /* why the connection ended, for later calls */
+  const char *lost_code;        /* static: "closed" or "connection_lost" */
+  char where[128];              /* "127.0.0.1:6379", "[::1]:6379", "/run/redis.sock" */
+};
+
+typedef struct { fb_redis_t *r; } box_t;   /* the userdata; r is NULL once closed */
+
+/* One command, or a pipeline of n: hiredis calls on_reply once per command, with NULL when
+ * the connection goes away first. Freed after the n-th call, whatever they carried. */
+struct cmd_op_s {
+  fb_fiber_t *fiber;            /* NULL once resumed or detached */
+  fb_redis_t *r;
+  int n, got;
+  unsigned char pipeline;
+  cmd_op_t *next, *prev;
+};
+
+static struct {
+  fb_redis_t *conns;            /* every struct not yet freed: detached at lua_close */
+  size_t live_conns, live_polls, live_ops;
+} R;
+
+size_t fb_redis_live_conns(void) { return R.live_conns + R.live_polls; }
+size_t fb_redis_live_requests(void) { return R.live_ops; }
+
+/* ---- results and errors: C reports (nil, msg, code), lua/fibril/redis.lua raises ----- */
+
+static int push_lerror(lua_State *L, const char *msg, size_t len, const char *code) {
+  lua_pushnil(L);
+  lua_pushlstring(L, msg, len);
+  lua_pushstring(L, code);
+  return 3;
+}
+
+static int push_error(lua_State *L, const char *msg, const char *code) {
+  return push_lerror(L, msg, strlen(msg), code);
+}
+
+static void resume_error(fb_fiber_t *f, const char *msg, const char *code) {
+  lua_State *co = fb_fiber_thread(f);
+  lua_checkstack(co, 3);
+  fb_fiber_ready(f, push_error(co, msg, code));
+}
+
+static const char *errno_code(int e) {
+  return e > 0 ? uv_err_name(-e) : "connect_failed";
+}
+
+/* Pushes one reply converted to Lua. nested: it is an array element or a pipeline slot,
+ * where nil becomes the sentinel (lightuserdata NULL, redis.null) so lists keep their length
+ * and an error reply becomes an error object. hiredis 0.14 caps nesting at 7 levels. */
+static void push_reply(lua_State *co, const redisReply *rp, int nested) {
+  size_t i;
+  lua_checkstack(co, 6);
+  switch (rp->type) {
+  case REDIS_REPLY_STATUS:
+  case REDIS_REPLY_STRING:
+    lua_pushlstring(co, rp->str, rp->len);
+    break;
+  case REDIS_REPLY_INTEGER:
+    if (rp->integer >= -EXACT_INT_MAX && rp->integer <= EXACT_INT_MAX) {
+      lua_pushnumber(co, (lua_Number)rp->integer);
+    } else {                    /* a double would round it: keep every digit */
+      char buf[24];
+      int n = snprintf(buf, sizeof buf, "%lld", rp->integer);
+      lua_pushlstring(co, buf, (size_t)n);
+    }
+    break;
+  case REDIS_REPLY_ARRAY:
+    lua_createtable(co, rp->elements > 0x7fffffff ? 0 : (int)rp->elements, 0);
+    for (i = 0; i < rp->elements; i++) {   /* stack: list */
+      push_reply(co, rp->element[i], 1);
+      lua_rawseti(co, -2, (int)(i + 1));
+    }
+    break;
+  case REDIS_REPLY_ERROR:       /* top-level errors are reported by on_reply instead */
+    fb_error_push(co, "redis_error", "redis: %.*s", (int)rp->len, rp->str);
+    break;
+  default:                      /* REDIS_REPLY_NIL */
+    if (nested) lua_pushlightuserdata(co, NULL);
+    else lua_pushnil(co);
+  }
+}
+
+/* ---- bounding replies ------------------------------------------------------------- */
+
+static void *(*default_create_array)(const redisReadTask *, int);
+static redisReplyObjectFunctions bounded_fns;   /* hiredis' defaults, createArray checked */
+
+/* Returning NULL makes hiredis fail the reader ("Out of memory") and drop the connection;
+ * r->limit_hit lets the failed ops say what happened instead. */
+static void *bounded_create_array(const redisReadTask *task, int elements) {
+  fb_redis_t *r = task->privdata;
+  if (!task->parent) r->reply_elements = 0;   /* a new reply begins */
+  r->reply_elements += (size_t)elements;
+  if (r->reply_elements > r->max_elements) {
+    r->limit_hit = r->reply_elements;
+    return NULL;
+  }
+  return default_create_array(task, elements);
+}
+
+/* ---- lifetime ---------------------------------------------------------------------- */
+
+static void redis_maybe_free(fb_redis_t *r) {
+  if (r->ac || r->boxed || r->connecting || r->in_free) return;
+  if (r->live_prev) r->live_prev->live_next = r->live_next;
+  else R.conns = r->live_next;
+  if (r->live_next) r->live_next->live_prev = r->live_prev;
+  free(r->password);
+  free(r->user);
+  free(r);
+  R.live_conns--;
+}
+
+/* Drops the connection: every op still waiting fails with why (a static string). Outside a
+ * hiredis callback the context is gone when this returns, and r too unless boxed; inside
+ * one, hiredis frees it after the callback and on_disconnect follows. */
+static void redis_discard(fb_redis_t *r, const char *why, const char *code) {
+  redisAsyncContext *ac = r->ac;
+  if (!ac) {
+    redis_maybe_free(r);
+    return;
+  }
+  if (r->discarding) return;
+  r->discarding = 1;
+  r->why = why;
+  r->why_code = code;
+  snprintf(r->lost, sizeof r->lost, "%s", why);
+  r->lost_code = "closed";
+  if (ac->c.flags & REDIS_IN_CALLBACK) {
+    redisAsyncFree(ac);
+    return;
+  }
+  r->in_free = 1;
+  redisAsyncFree(ac);           /* runs each pending on_reply with NULL, then on_disconnect */
+  r->in_free = 0;
+  r->ac = NULL;
+  redis_maybe_free(r);
+}
+
+/* ---- the libuv adapter ------------------------------------------------------------- */
+
+/* hiredis' adapters/libuv.h provides the struct and redisLibuvAttach; its hooks are replaced
+ * for two reasons. libuv (1.44) reports POLLERR, a refused connect for one, by stopping the
+ * handle and calling back with UV_EBADF, which the adapter ignores: the connect would hang
+ * until its timeout. And live() counts the poll handle until its close callback. */
+static void on_poll(uv_poll_t *h, int status, int events) {
+  redisLibuvEvents *p = h->data;
+  if (!p->context) return;
+  if (status < 0) {             /* let hiredis read the socket's error and disconnect */
+    if (!(p->context->c.flags & REDIS_CONNECTED)) redisAsyncHandleWrite(p->context);
+    else redisAsyncHandleRead(p->context);
+    return;
+  }
+  if (p->context && (events & UV_READABLE)) redisAsyncHandleRead(p->context);
+  if (p->context && (events & UV_WRITABLE)) redisAsyncHandleWrite(p->context);
+}
+
+static void poll_set(redisLibuvEvents *p, int events) {
+  p->events = events;
+  if (events) uv_poll_start(&p->handle, events, on_poll);
+  else uv_poll_stop(&p->handle);
+}
+
+static void ev_add_read(void *data) {
+  redisLibuvEvents *p = data;
+  poll_set(p, p->events | UV_READABLE);
+}
+
+static void ev_del_read(void *data) {
+  redisLibuvEvents *p = data;
+  poll_set(p, p->events & ~UV_READABLE);
+}
+
+static void ev_add_write(void *data) {
+  redisLibuvEvents *p = data;
+  poll_set(p, p->events | UV_WRITABLE);
+}
+
+static void ev_del_write(void *data) {
+  redisLibuvEvents *p = data;
+  poll_set(p, p->events & ~UV_WRITABLE);
+}
+
+static void on_poll_closed(uv_handle_t *h) {
+  free(h->data);                /* the adapter's redisLibuvEvents */
+  R.live_polls--;
+}
+
+/* hiredis calls this as it frees the context: the context pointer goes, the handle closes. */
+static void ev_cleanup(void *data) {
+  redisLibuvEvents *p = data;
+  p->context = NULL;
+  uv_close((uv_handle_t *)&p->handle, on_poll_closed);
+}
+
+/* An idle connection does not keep the process alive: its poll handle is referenced only
+ * while a connect or a command is in flight (a timeout-less wait would otherwise end). */
+static void poll_ref_update(fb_redis_t *r) {
+  redisLibuvEvents *p;
+  if (!r->ac || r->discarding || !(p = r->ac->ev.data)) return;
+  if (r->ops || r->connecting) uv_ref((uv_handle_t *)&p->handle);
+  else uv_unref((uv_handle_t *)&p->handle);
+}
+
+/* ---- commands ----------------------------------------------------------------------- */
+
+static void op_unlink_free(cmd_op_t *op) {
+  fb_redis_t *r = op->r;
+  if (op->prev) op->prev->next = op->next;
+  else r->ops = op->next;
+  if (op->next) op->next->prev = op->prev;
+  free(op);
+  R.live_ops--;
+}
+
+/* Why a reply did not come: our own discard, a reply over the limit, or the peer. */
+static void fail_lost(fb_fiber_t *f, fb_redis_t *r, const redisAsyncContext *ac) {
+  char msg[256];
+  if (r->discarding) {
+    resume_error(f, r->why, r->why_code);
+  } else if (r->limit_hit) {
+    snprintf(msg, sizeof msg, "reply of %zu elements exceeds max_elements (%zu); "
+             "connection closed", r->limit_hit, r->max_elements);
+    resume_error(f, msg, "limit");
+  } else {
+    snprintf(msg, sizeof msg, "connection lost (%s: %s)", r->where,
+             ac->errstr && ac->errstr[0] ? ac->errstr : "closed by the server");
+    resume_error(f, msg, "connection_lost");
+  }
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  cmd_op_t *op = privdata;
+  const redisReply *rp = reply;
+  fb_fiber_t *f = op->fiber;
+  int i = op->got++;
+  if (f) {
+    lua_State *co = fb_fiber_thread(f);
+    if (!rp) {
+      op->fiber = NULL;
+      fail_lost(f, op->r, ac);
+    } else if (!op->pipeline) {
+      op->fiber = NULL;
+      if (rp->type == REDIS_REPLY_ERROR) {
+        lua_checkstack(co, 3);
+        fb_fiber_ready(f, push_lerror(co, rp->str, rp->len, "redis_error"));
+      } else {
+        push_reply(co, rp, 0);
+        fb_fiber_ready(f, 1);
+      }
+    } else {
+      lua_checkstack(co, 2);
+      if (i == 0) lua_createtable(co, op->n, 0);   /* stack: replies */
+      push_reply(co, rp, 1);
+      lua_rawseti(co, -2, i + 1);
+      if (op->got == op->n) {
+        op->fiber = NULL;
+        fb_fiber_ready(f, 1);
+      }
+    }
+  }
+  if (op->got == op->n) {
+    fb_redis_t *r = op->r;
+    op_unlink_free(op);
+    poll_ref_update(r);
+  }
+}
+
+/* A timeout or cancel: a late reply would be matched to the next command, so the whole
+ * connection goes; other fibers waiting on it fail with the same reason. */
+static void cmd_cancel(fb_fiber_t *f, void *data) {
+  cmd_op_t *op = data;
+  (void)f;
+  op->fiber = NULL;
+  redis_discard(op->r, "connection closed: a command on it timed out or was cancelled",
+                "closed");
+}
+
+/* Commands whose replies do not pair one-to-one with requests (pub/sub, MONITOR, CLIENT
+ * REPLY): hiredis 0.14 aborts on unsolicited replies, so they are refused here. */
+static int unpaired(const char *cmd, size_t len, const char *arg, size_t alen) {
+  static const char *const names[] = { "subscribe", "psubscribe", "ssubscribe",
+    "unsubscribe", "punsubscribe", "sunsubscribe", "monitor", NULL };
+  int i;
+  for (i = 0; names[i]; i++)
+    if (len == strlen(names[i]) && strncasecmp(cmd, names[i], len) == 0) return 1;
+  return len == 6 && strncasecmp(cmd, "client", 6) == 0 && arg && alen == 5 &&
+         strncasecmp(arg, "reply", 5) == 0;
+}
+
+static fb_redis_t *check_box(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, REDIS_MT);
+  if (!box->r) luaL_error(L, "redis: connection is closed");
+  return box->r;
+}
+
+/* Seconds from argument idx: none/nil = wait forever (-1). */
+static double opt_timeout(lua_State *L, int idx) {
+  double s;
+  if (lua_isnoneornil(L, idx)) return -1;
+  s = luaL_checknumber(L, idx);
+  if (!(s >= 0)) luaL_error(L, "redis: timeout must be a non-negative number of seconds");
+  return s > 1e9 ? -1 : s;
+}
+
+static cmd_op_t *op_new(lua_State *L, fb_redis_t *r, int n, int pipeline) {
+  cmd_op_t *op = calloc(1, sizeof *op);
+  if (!op) luaL_error(L, "redis: out of memory");
+  op->r = r;
+  op->n = n;
+  op->pipeline = (unsigned char)pipeline;
+  op->next = r->ops;
+  if (r->ops) r->ops->prev = op;
+  r->ops = op;
+  R.live_ops++;
+  return op;
+}
+
+/* Queues argv (borrowed: hiredis formats a copy into its output buffer at once). */
+static int queue_argv(fb_redis_t *r, cmd_op_t *op, int argc, const char **argv,
+                      const size_t *lens) {
+  return redisAsyncCommandArgv(r->ac, on_reply, op, argc, argv, lens) == REDIS_OK;
+}
+
+/* call(conn, timeout, cmd, ...) -> reply | nil, msg, code. Arguments are strings or
+ * numbers; each goes as one argv element, so nothing is spliced into the protocol. */
+static int l_redis_call(lua_State *L) {
+  fb_redis_t *r = check_box(L);
+  double timeout = opt_timeout(L, 2);
+  int argc = lua_gettop(L) - 2, i, ok;
+  const char *sargv[REDIS_ARGV_STACK], **argv = sargv;
+  size_t slens[REDIS_ARGV_STACK], *lens = slens;
+  fb_fiber_t *f;
+  cmd_op_t *op;
+
+  if (argc < 1) return luaL_error(L, "redis: call needs a command name");
+  for (i = 0; i < argc; i++) {
+    int t = lua_type(L, i + 3);
+    if (t != LUA_TSTRING && t != LUA_TNUMBER)
+      return luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1,
+                        lua_typename(L, t));
+  }
+  if (!r->ac || r->discarding) return push_error(L, r->lost, r->lost_code);
+  {
+    size_t l0, l1 = 0;
+    const char *c0 = lua_tolstring(L, 3, &l0);
+    const char *c1 = argc > 1 ? lua_tolstring(L, 4, &l1) : NULL;
+    if (unpaired(c0, l0, c1, l1))
+      return luaL_error(L, "redis: %s is not supported on this connection (pub/sub and "
+                        "MONITOR need a dedicated connection)", c0);
+  }
+  f = fb_fiber_check(L, "redis.call");
+  if (argc > REDIS_ARGV_STACK) {
+    argv = malloc(sizeof *argv * (size_t)argc);
+    lens = malloc(sizeof *lens * (size_t)argc);
+    if (!argv || !lens) {
+      free(argv);
+      free(lens);
+      return luaL_error(L, "redis: out of memory");
+    }
+  }
+  for (i = 0; i < argc; i++)    /* borrowed: numbers are converted in place on the stack */
+    argv[i] = lua_tolstring(L, i + 3, &lens[i]);
+  op = op_new(L, r, 1, 0);
+  ok = queue_argv(r, op, argc, argv, lens);
+  if (argv != sargv) {
+    free(argv);
+    free(lens);
+  }
+  if (!ok) {
+    op_unlink_free(op);
+    return push_error(L, "cannot queue the command (out of memory)", "ENOMEM");
+  }
+  op->fiber = f;
+  poll_ref_update(r);
+  fb_fiber_on_cancel(f, cmd_cancel, op);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+/* Checks that the value on top is a non-empty list of strings; returns its length. */
+static int check_command(lua_State *L, int i) {
+  int n, j;
+  if (!lua_istable(L, -1)) luaL_error(L, "redis: pipeline command %d is not a list", i);
+  n = (int)lua_objlen(L, -1);
+  if (n < 1) luaL_error(L, "redis: pipeline command %d is empty", i);
+  for (j = 1; j <= n; j++) {
+    lua_rawgeti(L, -1, j);
+    if (lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "redis: pipeline command %d argument %d is not a string", i, j);
+    lua_pop(L, 1);
+  }
+  return n;
+}
+
+/* pipeline(conn, timeout, { {cmd, ...}, ... }) -> { reply, ... } | nil, msg, code. Every
+ * command is queued before the loop runs again, so they leave in one write; error replies
+ * stand in their slots as error objects. Arguments must be strings (redis.lua converts). */
+static int l_redis_pipeline(lua_State *L) {
+  fb_redis_t *r = check_box(L);
+  double timeout = opt_timeout(L, 2);
+  int n, i, j, maxargc = 0;
+  const char **argv;
+  size_t *lens;
+  fb_fiber_t *f;
+  cmd_op_t *op;
+
+  luaL_checktype(L, 3, LUA_TTABLE);
+  n = (int)lua_objlen(L, 3);
+  for (i = 1; i <= n; i++) {    /* raise on a bad command before anything is queued */
+    int argc;
+    lua_rawgeti(L, 3, i);
+    argc = check_command(L, i);
+    lua_rawgeti(L, -1, 1);
+    {
+      size_t l0, l1 = 0;
+      const char *c0 = lua_tolstring(L, -1, &l0), *c1 = NULL;
+      if (argc > 1) {
+        lua_rawgeti(L, -2, 2);
+        c1 = lua_tolstring(L, -1, &l1);
+        lua_pop(L, 1);          /* the string stays anchored in the command list */
+      }
+      if (unpaired(c0, l0, c1, l1))
+        luaL_error(L, "redis: %s is not supported in a pipeline", c0);
+    }
+    lua_pop(L, 2);
+    if (argc > maxargc) maxargc = argc;
+  }
+  if (n == 0) {
+    lua_newtable(L);
+    return 1;
+  }
+  if (!r->ac || r->discarding) return push_error(L, r->lost, r->lost_code);
+  f = fb_fiber_check(L, "redis.pipeline");
+  argv = malloc(sizeof *argv * (size_t)maxargc);
+  lens = malloc(sizeof *lens * (size_t)maxargc);
+  if (!argv || !lens) {
+    free(argv);
+    free(lens);
+    return luaL_error(L, "redis: out of memory");
+  }
+  op = op_new(L, r, n, 1);
+  for (i = 1; i <= n; i++) {
+    int argc;
+    lua_rawgeti(L, 3, i);                    /* stack: ... command */
+    argc = (int)lua_objlen(L, -1);
+    for (j = 0; j < argc; j++) {             /* borrowed: anchored in the command list */
+      lua_rawgeti(L, -1, j + 1);
+      argv[j] = lua_tolstring(L, -1, &lens[j]);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    if (!queue_argv(r, op, argc, argv, lens)) break;
+  }
+  free(argv);
+  free(lens);
+  if (i <= n) {                 /* out of memory part way: some commands are queued */
+    op->n = i - 1;
+    if (op->n == 0) op_unlink_free(op);
+    else redis_discard(r, "connection closed: a pipeline could not be queued", "ENOMEM");
+    return push_error(L, "cannot queue the pipeline (out of memory)", "ENOMEM");
+  }
+  op->fiber = f;
+  poll_ref_update(r);
+  fb_fiber_on_cancel(f, cmd_cancel, op);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+/* ---- connecting ------------------------------------------------------------------- */
+
+static void connect_done(fb_redis_t *r) {
+  fb_fiber_t *f = r->cfiber;
+  lua_State *co = fb_fiber_thread(f);
+  box_t *box;
+  lua_checkstack(co, 2);
+  box = lua_newuserdata(co, sizeof *box);   /* stack: box; from here the box owns r */
+  box->r = r;
+  luaL_getmetatable(co, REDIS_MT);
+  lua_setmetatable(co, -2);
+  r->boxed = 1;
+  r->connecting = 0;
+  r->cfiber = NULL;
+  poll_ref_update(r);
+  fb_fiber_ready(f, 1);
+}
+
+/* Fails the connect with msg; hiredis frees the context once the callback returns. */
+static void connect_fail(fb_redis_t *r, const char *msg, const char *code) {
+  fb_fiber_t *f = r->cfiber;
+  r->cfiber = NULL;
+  r->connecting = 0;
+  if (f) resume_error(f, msg, code);
+}
+
+/* AUTH, then SELECT: privdata is r; replies come in the order they were queued. */
+static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  fb_redis_t *r = privdata;
+  const redisReply *rp = reply;
+  int auth = r->password != NULL;
+  char msg[256];
+  (void)ac;
+  r->setup_pending--;
+  if (!r->cfiber) return;       /* failed already: the rest are NULL replies from the free */
+  if (auth) {                   /* this reply was AUTH's; the password is no longer needed */
+    free(r->password);
+    r->password = NULL;
+  }
+  if (!rp) {
+    snprintf(msg, sizeof msg, "connection lost while connecting (%s: %s)", r->where,
+             ac->errstr && ac->errstr[0] ? ac->errstr : "closed by the server");
+    connect_fail(r, msg, "connection_lost");
+    return;                     /* on_disconnect follows and frees r */
+  }
+  if (rp->type == REDIS_REPLY_ERROR) {
+    snprintf(msg, sizeof msg, "%s failed: %.*s", auth ? "AUTH" : "SELECT",
+             (int)(rp->len > 200 ? 200 : rp->len), rp->str);
+    connect_fail(r, msg, auth ? "auth" : "redis_error");
+    redis_discard(r, "connection closed: its setup failed", "closed");
+    return;
+  }
+  if (r->setup_pending == 0) connect_done(r);
+}
+
+static void on_connect(const redisAsyncContext *cac, int status) {
+  redisAsyncContext *ac = (redisAsyncContext *)cac;
+  fb_redis_t *r = ac->data;
+  int e = errno;                /* the connect's SO_ERROR, set by hiredis just before */
+  if (status != REDIS_OK) {
+    r->ac = NULL;               /* hiredis frees it when this returns; no on_disconnect */
+    connect_fail(r, ac->c.errstr, errno_code(e));
+    redis_maybe_free(r);
+    return;
+  }
+  if (r->password) {
+    const char *argv[3] = { "AUTH", r->user ? r->user : r->password, r->password };
+    size_t lens[3] = { 4, strlen(argv[1]), strlen(r->password) };
+    int argc = r->user ? 3 : 2;
+    if (!r->user) lens[1] = lens[2];
+    if (redisAsyncCommandArgv(ac, on_setup_reply, r, argc, argv, lens) == REDIS_OK)
+      r->setup_pending++;
+    free(r->user);
+    r->user = NULL;
+  }
+  if (r->db != 0) {
+    char db[24];
+    const char *argv[2] = { "SELECT", db };
+    size_t lens[2] = { 6, (size_t)snprintf(db, sizeof db, "%ld", r->db) };
+    if (redisAsyncCommandArgv(ac, on_setup_reply, r, 2, argv, lens) == REDIS_OK)
+      r->setup_pending++;
+    r->db = 0;                  /* on_setup_reply tells AUTH from SELECT by password */
+  }
+  if (r->setup_pending == 0) connect_done(r);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status) {
+  fb_redis_t *r = ac->data;
+  (void)status;
+  r->ac = NULL;
+  if (!r->discarding) {
+    snprintf(r->lost, sizeof r->lost, "connection lost (%s: %s)", r->where,
+             ac->errstr && ac->errstr[0] ? ac->errstr : "closed by the server");
+    r->lost_code = "connection_lost";
+  }
+  redis_maybe_free(r);          /* not while in_free: redis_discard finishes that */
+}
+
+static void connect_cancel(fb_fiber_t *f, void *data) {
+  fb_redis_t *r = data;
+  (void)f;
+  r->cfiber = NULL;
+  r->connecting = 0;
+  redis_discard(r, "connection closed: connect timed out or was cancelled", "closed");
+}
+
+/* connect(host, port, path, timeout, password, user, db, max_elements) -> conn |
+ * nil, msg, code. host+port for TCP (a numeric address connects without blocking; a name
+ * is resolved by hiredis, blocking), or path for a unix socket. */
+static int l_redis_connect(lua_State *L) {
+  const char *host = luaL_optstring(L, 1, NULL);   /* borrowed: arguments stay put */
+  lua_Integer port = luaL_optinteger(L, 2, 6379);
+  const char *path = luaL_optstring(L, 3, NULL);
+  double timeout = opt_timeout(L, 4);
+  const char *password = luaL_optstring(L, 5, NULL);
+  const char *user = luaL_optstring(L, 6, NULL);
+  lua_Integer db = luaL_optinteger(L, 7, 0);
+  lua_Number maxel = luaL_optnumber(L, 8, REDIS_MAX_ELEMENTS);
+  redisAsyncContext *ac;
+  fb_redis_t *r;
+  fb_fiber_t *f;
+  int e;
+
+  if (!host == !path) return luaL_error(L, "redis.connect: give a host or a socket path");
+  if (port < 1 || port > 65535) return luaL_error(L, "redis.connect: port must be 1..65535");
+  if (db < 0 || db > 1000000) return luaL_error(L, "redis.connect: bad database number");
+  if (!(maxel >= 1 && maxel <= REDIS_MAX_ELEMENTS_CEIL))
+    return luaL_error(L, "redis.connect: max_elements must be from 1 to %d",
+                      (int)REDIS_MAX_ELEMENTS_CEIL);
+  f = fb_fiber_check(L, "redis.connect");
+  if (!(r = calloc(1, sizeof *r))) return luaL_error(L, "redis.connect: out of memory");
+  if (host && strchr(host, ':')) snprintf(r->where, sizeof r->where, "[%s]:%d", host, (int)port);
+  else if (host) snprintf(r->where, sizeof r->where, "%s:%d", host, (int)port);
+  else snprintf(r->where, sizeof r->where, "%s", path);
+  snprintf(r->lost, sizeof r->lost, "connection is closed");
+  r->lost_code = "closed";
+  r->db = (long)db;
+  r->max_elements = (size_t)maxel;
+  if ((password && !(r->password = strdup(password))) || (user && !(r->user = strdup(user)))) {
+    free(r->password);
+    free(r);
+    return luaL_error(L, "redis.connect: out of memory");
+  }
+  r->live_next = R.conns;
+  if (R.conns) R.conns->live_prev = r;
+  R.conns = r;
+  R.live_conns++;
+  r->connecting = 1;
+
+  errno = 0;
+  ac = host ? redisAsyncConnect(host, (int)port) : redisAsyncConnectUnix(path);
+  e = errno;
+  if (!ac || ac->err) {         /* failed at once (a unix path that does not exist...) */
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s", ac ? ac->errstr : "out of memory");
+    if (ac) redisAsyncFree(ac);
+    r->connecting = 0;
+    redis_maybe_free(r);
+    return push_error(L, msg, ac ? errno_code(e) : "ENOMEM");
+  }
+  r->ac = ac;
+  ac->data = r;
+  if (redisLibuvAttach(ac, fb_sched_loop()) != REDIS_OK) {
+    r->connecting = 0;
+    redis_discard(r, "cannot watch the socket", "ENOMEM");
+    return push_error(L, "cannot watch the socket", "ENOMEM");
+  }
+  ac->ev.addRead = ev_add_read;
+  ac->ev.delRead = ev_del_read;
+  ac->ev.addWrite = ev_add_write;
+  ac->ev.delWrite = ev_del_write;
+  ac->ev.cleanup = ev_cleanup;
+  R.live_polls++;
+  if (!default_create_array) {  /* every reader starts with hiredis' default functions */
+    bounded_fns = *ac->c.reader->fn;
+    default_create_array = bounded_fns.createArray;
+    bounded_fns.createArray = bounded_create_array;
+  }
+  ac->c.reader->fn = &bounded_fns;
+  ac->c.reader->privdata = r;
+  redisAsyncSetConnectCallback(ac, on_connect);
+  redisAsyncSetDisconnectCallback(ac, on_disconnect);
+  /* hiredis 0.14 learns the connect's outcome on the first writable event, and asks for one
+   * only when a command is queued: ask now, so on_connect comes even with nothing to send. */
+  ac->ev.addWrite(ac->ev.data);
+  r->cfiber = f;
+  fb_fiber_on_cancel(f, connect_cancel, r);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+/* ---- connection methods ----------------------------------------------------------- */
+
+/* close: idempotent. Fibers waiting on the connection fail with "connection is closed";
+ * the struct is freed once hiredis has let go of it. */
+static int l_redis_close(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, REDIS_MT);
+  fb_redis_t *r = box->r;
+  if (!r) return 0;
+  box->r = NULL;
+  r->boxed = 0;
+  redis_discard(r, "connection is closed", "closed");
+  return 0;
+}
+
+/* __gc: no fiber can be waiting on an unreachable connection except at lua_close, when
+ * their threads are going away: detach them before dropping the connection. */
+static int l_redis_gc(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, REDIS_MT);
+  cmd_op_t *op;
+  if (box->r)
+    for (op = box->r->ops; op; op = op->next) op->fiber = NULL;
+  return l_redis_close(L);
+}
+
+/* state(conn) -> "open" | "lost" (it went away, or was dropped after a timeout or a
+ * cancel: only close() is left) | "closed". */
+static int l_redis_state(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, REDIS_MT);
+  fb_redis_t *r = box->r;
+  lua_pushstring(L, !r ? "closed" : r->ac && !r->discarding ? "open" : "lost");
+  return 1;
+}
+
+/* live() -> connections + poll handles, commands in flight. */
+static int l_redis_live(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)fb_redis_live_conns());
+  lua_pushnumber(L, (lua_Number)fb_redis_live_requests());
+  return 2;
+}
+
+/* __gc of a registry-anchored sentinel, run by lua_close: detach every waiting fiber, then
+ * drop every context; the loop run after lua_close delivers the adapters' close callbacks. */
+static int l_redis_sentinel_gc(lua_State *L) {
+  fb_redis_t *r, *next;
+  cmd_op_t *op;
+  (void)L;
+  for (r = R.conns; r; r = r->live_next) {
+    r->cfiber = NULL;
+    r->connecting = 0;
+    for (op = r->ops; op; op = op->next) op->fiber = NULL;
+  }
+  for (r = R.conns; r; r = next) {
+    next = r->live_next;        /* redis_discard may free r */
+    redis_discard(r, "connection is closed", "closed");
+  }
+  return 0;
+}
+
+static const luaL_Reg redis_methods[] = {
+  { "call", l_redis_call },
+  { "pipeline", l_redis_pipeline },
+  { "close", l_redis_close },
+  { "state", l_redis_state },
+  { NULL, NULL }
+};
+
+static const luaL_Reg redis_funcs[] = {
+  { "connect", l_redis_connect },
+  { "live", l_redis_live },
+  { NULL, NULL }
+};
+
+int luaopen_fibril_core_redis(lua_State *L) {
+  lua_newtable(L);                           /* stack: module */
+  luaL_setfuncs(L, redis_funcs, 0);
+  lua_newtable(L);                           /* stack: module methods */
+  luaL_setfuncs(L, redis_methods, 0);
+  if (luaL_newmetatable(L, REDIS_MT)) {      /* stack: module methods mt */
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_redis_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, l_redis_close);
+    lua_setfield(L, -2, "__close");
+    lua_newuserdata(L, 1);                   /* stack: mt sentinel */
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, l_redis_sentinel_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.redis.sentinel");
+  }
+  lua_pop(L, 1);
+  lua_setfield(L, -2, "methods");            /* for lua/fibril/redis.lua */
+  lua_pushlightuserdata(L, NULL);            /* the nil inside arrays: same as json.null */
+  lua_setfield(L, -2, "null");
+  lua_pushnumber(L, REDIS_MAX_ELEMENTS);
+  lua_setfield(L, -2, "MAX_ELEMENTS");
+  return 1;
+}
