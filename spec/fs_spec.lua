@@ -9,16 +9,7 @@ local function live()
   return fds .. "/" .. requests
 end
 
--- Collects garbage and gives closes on the pool a moment: live() counts a descriptor until
--- its close has been called back.
-local function settled(baseline)
-  for _ = 1, 200 do
-    collectgarbage()
-    if live() == baseline then return baseline end
-    fibril.sleep(0.005)
-  end
-  return live()
-end
+local function settled(baseline) return support.settled(live, baseline) end
 
 describe("fibril.core.fs", function()
   local dir, baseline

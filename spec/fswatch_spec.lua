@@ -10,15 +10,7 @@ local function live()
   return handles .. "/" .. watchers
 end
 
--- Collects garbage and gives close callbacks a loop turn or two to run.
-local function settled(baseline)
-  for _ = 1, 200 do
-    collectgarbage()
-    if live() == baseline then return baseline end
-    fibril.sleep(0.005)
-  end
-  return live()
-end
+local function settled(baseline) return support.settled(live, baseline) end
 
 local function sh(fmt, ...)
   assert(os.execute(fmt:format(...)) == 0, fmt)

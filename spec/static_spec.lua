@@ -23,14 +23,7 @@ local function live()
   return fds .. "/" .. requests
 end
 
-local function settled(baseline)
-  for _ = 1, 200 do
-    collectgarbage()
-    if live() == baseline then return baseline end
-    fibril.sleep(0.005)
-  end
-  return live()
-end
+local function settled(baseline) return support.settled(live, baseline) end
 
 local TYPES = {
   ["index.html"] = "text/html; charset=utf-8", ["app.css"] = "text/css; charset=utf-8",

@@ -221,4 +221,16 @@ function M.start_app_status(app_dir, args)
   error("app did not start: " .. handle.log())
 end
 
+--- Collects garbage and gives close callbacks a few loop turns, until live() (a function
+--- returning a comparable summary of open resources) equals baseline; returns its last value.
+function M.settled(live, baseline)
+  local fibril = require "fibril"
+  for _ = 1, 200 do
+    collectgarbage()
+    if live() == baseline then return baseline end
+    fibril.sleep(0.005)
+  end
+  return live()
+end
+
 return M
