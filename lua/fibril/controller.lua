@@ -8,12 +8,10 @@
 ---   return C
 local json = require "fibril.json"
 local url = require "fibril.url"
-
-local core = require "fibril.core.fiber"
+local executor = require "fibril.executor"
 
 local type, error, pairs, ipairs, setmetatable, rawget, tostring, xpcall =
       type, error, pairs, ipairs, setmetatable, rawget, tostring, xpcall
-local traceback = debug.traceback
 local find, gsub, lower, format, match = string.find, string.gsub, string.lower,
                                          string.format, string.match
 local concat = table.concat
@@ -243,17 +241,7 @@ local function rescue_matches(matcher, err)
   return err.code == matcher or (type(err.message) == "string" and find(err.message, matcher, 1, true) ~= nil)
 end
 
--- xpcall handler: every error leaves as a table with the traceback of where it was raised.
-local function with_traceback(err)
-  if type(err) == "table" then
-    if rawget(err, "traceback") == nil then err.traceback = traceback("", 2):sub(2) end
-    return err
-  end
-  local e = core.error(nil, tostring(err))
-  e.value = err
-  e.traceback = traceback("", 2):sub(2)
-  return e
-end
+local with_traceback = executor.with_traceback
 Controller.with_traceback = with_traceback
 
 local function finish(self, C, ok, err)

@@ -60,6 +60,8 @@ end
 --- Sets the hook run before every outermost unit (one hook: the reloader's check).
 function M.set_before_unit(fn) before_unit = fn end
 
+--- xpcall message handler: every error leaves as a table (a fibril error object for a plain
+--- error) with the traceback of where it was raised. Units, controllers and the server use it.
 local function add_traceback(err)
   if type(err) == "table" then
     if rawget(err, "traceback") == nil then err.traceback = traceback("", 2):sub(2) end
@@ -70,6 +72,8 @@ local function add_traceback(err)
   e.traceback = traceback("", 2):sub(2)
   return e
 end
+
+M.with_traceback = add_traceback
 
 -- After the unit: to_complete in reverse, then the context is retired. Returns ok, ...
 local function complete(ctx, previous, ok, ...)
