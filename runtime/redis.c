@@ -1,10 +1,9 @@
-/* redis.c: Redis connections for fibers on hiredis' async API and its libuv adapter. Each
- * command (or pipeline) is an op matched to its replies in order by hiredis; a waiting fiber
- * is always resumed or detached. The fb_redis_t outlives hiredis' context: it is freed only
- * once hiredis is done with it (disconnect callback, or a synchronous redisAsyncFree) and no
- * box points to it. No Lua state is touched from a hiredis callback except to push results
- * onto the waiting fiber's thread before fb_fiber_ready. */
-#include "redis.h"
+/* redis.c: the lifetime of Redis connections for fibers, on hiredis' async API and its libuv
+ * adapter: connect with AUTH and SELECT, close, discard, and the Lua module. Commands are in
+ * redis_cmd.c, subscribe mode in redis_sub.c (redis_conn.h says what they share). The
+ * fb_redis_t outlives hiredis' context: it is freed only once hiredis is done with it
+ * (disconnect callback, or a synchronous redisAsyncFree) and no box points to it. */
+#include "redis_conn.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -18,114 +17,48 @@
 #include <hiredis/adapters/libuv.h>
 
 #include "error.h"
-#include "fiber.h"
 
-#define REDIS_MT "fibril.redis"
 /* Default bound on the array elements one reply may hold, nested arrays summed: hiredis 0.14
  * has no maxelements, so bounded_create_array checks it before hiredis allocates. */
 #define REDIS_MAX_ELEMENTS (1u << 20)
 #define REDIS_MAX_ELEMENTS_CEIL (1u << 28)
-#define REDIS_ARGV_STACK 16         /* argv arrays up to this size live on the C stack */
-#define EXACT_INT_MAX (1LL << 53)   /* larger integers come back as decimal strings */
+/* Pushed messages a subscriber has not read yet, in bytes: beyond it new ones are dropped
+ * (and counted) rather than growing without bound behind a handler that does not keep up. */
+#define REDIS_SUB_MAX_BYTES (64u << 20)
+#define R fb_redis_registry
 
-typedef struct cmd_op_s cmd_op_t;
-
-struct fb_redis_s {
-  redisAsyncContext *ac;        /* NULL once hiredis has freed (or will free) it */
-  fb_fiber_t *cfiber;           /* the fiber waiting in connect, NULL once resumed/detached */
-  char *password, *user;        /* copies kept until AUTH is queued */
-  long db;
-  int setup_pending;            /* AUTH / SELECT replies still due while connecting */
-  unsigned char connecting;     /* the connect op owns the struct (no box yet) */
-  unsigned char boxed;          /* a Lua box points here */
-  unsigned char in_free;        /* inside our own synchronous redisAsyncFree */
-  unsigned char discarding;     /* we asked hiredis to free the context */
-  const char *why, *why_code;   /* static: what ops failed by our discard report */
-  size_t max_elements, reply_elements, limit_hit;
-  cmd_op_t *ops;                /* commands awaiting replies, oldest last */
-  fb_redis_t *live_next, *live_prev;
-  char lost[192];               /* why the connection ended, for later calls */
-  const char *lost_code;        /* static: "closed" or "connection_lost" */
-  char where[128];              /* "127.0.0.1:6379", "[::1]:6379", "/run/redis.sock" */
-};
-
-typedef struct { fb_redis_t *r; } box_t;   /* the userdata; r is NULL once closed */
-
-/* One command, or a pipeline of n: hiredis calls on_reply once per command, with NULL when
- * the connection goes away first. Freed after the n-th call, whatever they carried. */
-struct cmd_op_s {
-  fb_fiber_t *fiber;            /* NULL once resumed or detached */
-  fb_redis_t *r;
-  int n, got;
-  unsigned char pipeline;
-  cmd_op_t *next, *prev;
-};
-
-static struct {
-  fb_redis_t *conns;            /* every struct not yet freed: detached at lua_close */
-  size_t live_conns, live_polls, live_ops;
-} R;
+fb_redis_registry_t fb_redis_registry;
 
 size_t fb_redis_live_conns(void) { return R.live_conns + R.live_polls; }
 size_t fb_redis_live_requests(void) { return R.live_ops; }
 
 /* ---- results and errors: C reports (nil, msg, code), lua/fibril/redis.lua raises ----- */
 
-static int push_lerror(lua_State *L, const char *msg, size_t len, const char *code) {
+int fb_redis_push_lerror(lua_State *L, const char *msg, size_t len, const char *code) {
   lua_pushnil(L);
   lua_pushlstring(L, msg, len);
   lua_pushstring(L, code);
   return 3;
 }
 
-static int push_error(lua_State *L, const char *msg, const char *code) {
-  return push_lerror(L, msg, strlen(msg), code);
+int fb_redis_push_error(lua_State *L, const char *msg, const char *code) {
+  return fb_redis_push_lerror(L, msg, strlen(msg), code);
 }
 
-static void resume_error(fb_fiber_t *f, const char *msg, const char *code) {
+void fb_redis_resume_error(fb_fiber_t *f, const char *msg, const char *code) {
   lua_State *co = fb_fiber_thread(f);
   lua_checkstack(co, 3);
-  fb_fiber_ready(f, push_error(co, msg, code));
+  fb_fiber_ready(f, fb_redis_push_error(co, msg, code));
+}
+
+/* "connection lost (127.0.0.1:6379: <hiredis' reason>)" into buf. */
+void fb_redis_lost_message(fb_redis_t *r, const redisAsyncContext *ac, char *buf, size_t size) {
+  snprintf(buf, size, "connection lost (%s: %s)", r->where,
+           ac->errstr[0] ? ac->errstr : "closed by the server");
 }
 
 static const char *errno_code(int e) {
   return e > 0 ? uv_err_name(-e) : "connect_failed";
-}
-
-/* Pushes one reply converted to Lua. nested: it is an array element or a pipeline slot,
- * where nil becomes the sentinel (lightuserdata NULL, redis.null) so lists keep their length
- * and an error reply becomes an error object. hiredis 0.14 caps nesting at 7 levels. */
-static void push_reply(lua_State *co, const redisReply *rp, int nested) {
-  size_t i;
-  lua_checkstack(co, 6);
-  switch (rp->type) {
-  case REDIS_REPLY_STATUS:
-  case REDIS_REPLY_STRING:
-    lua_pushlstring(co, rp->str, rp->len);
-    break;
-  case REDIS_REPLY_INTEGER:
-    if (rp->integer >= -EXACT_INT_MAX && rp->integer <= EXACT_INT_MAX) {
-      lua_pushnumber(co, (lua_Number)rp->integer);
-    } else {                    /* a double would round it: keep every digit */
-      char buf[24];
-      int n = snprintf(buf, sizeof buf, "%lld", rp->integer);
-      lua_pushlstring(co, buf, (size_t)n);
-    }
-    break;
-  case REDIS_REPLY_ARRAY:
-    lua_createtable(co, rp->elements > 0x7fffffff ? 0 : (int)rp->elements, 0);
-    for (i = 0; i < rp->elements; i++) {   /* stack: list */
-      push_reply(co, rp->element[i], 1);
-      lua_rawseti(co, -2, (int)(i + 1));
-    }
-    break;
-  case REDIS_REPLY_ERROR:       /* top-level errors are reported by on_reply instead */
-    fb_error_push(co, "redis_error", "redis: %.*s", (int)rp->len, rp->str);
-    break;
-  default:                      /* REDIS_REPLY_NIL */
-    if (nested) lua_pushlightuserdata(co, NULL);
-    else lua_pushnil(co);
-  }
 }
 
 /* ---- bounding replies ------------------------------------------------------------- */
@@ -153,6 +86,7 @@ static void redis_maybe_free(fb_redis_t *r) {
   if (r->live_prev) r->live_prev->live_next = r->live_next;
   else R.conns = r->live_next;
   if (r->live_next) r->live_next->live_prev = r->live_prev;
+  fb_redis_sub_free(r);
   free(r->password);
   free(r->user);
   free(r);
@@ -162,7 +96,7 @@ static void redis_maybe_free(fb_redis_t *r) {
 /* Drops the connection: every op still waiting fails with why (a static string). Outside a
  * hiredis callback the context is gone when this returns, and r too unless boxed; inside
  * one, hiredis frees it after the callback and on_disconnect follows. */
-static void redis_discard(fb_redis_t *r, const char *why, const char *code) {
+void fb_redis_discard(fb_redis_t *r, const char *why, const char *code) {
   redisAsyncContext *ac = r->ac;
   if (!ac) {
     redis_maybe_free(r);
@@ -243,274 +177,28 @@ static void ev_cleanup(void *data) {
 
 /* An idle connection does not keep the process alive: its poll handle is referenced only
  * while a connect or a command is in flight (a timeout-less wait would otherwise end). */
-static void poll_ref_update(fb_redis_t *r) {
+void fb_redis_poll_ref_update(fb_redis_t *r) {
   redisLibuvEvents *p;
   if (!r->ac || r->discarding || !(p = r->ac->ev.data)) return;
-  if (r->ops || r->connecting) uv_ref((uv_handle_t *)&p->handle);
+  if (r->ops || r->connecting || r->sub_fiber) uv_ref((uv_handle_t *)&p->handle);
   else uv_unref((uv_handle_t *)&p->handle);
 }
 
 /* ---- commands ----------------------------------------------------------------------- */
 
-static void op_unlink_free(cmd_op_t *op) {
-  fb_redis_t *r = op->r;
-  if (op->prev) op->prev->next = op->next;
-  else r->ops = op->next;
-  if (op->next) op->next->prev = op->prev;
-  free(op);
-  R.live_ops--;
-}
-
-/* Why a reply did not come: our own discard, a reply over the limit, or the peer. */
-static void fail_lost(fb_fiber_t *f, fb_redis_t *r, const redisAsyncContext *ac) {
-  char msg[256];
-  if (r->discarding) {
-    resume_error(f, r->why, r->why_code);
-  } else if (r->limit_hit) {
-    snprintf(msg, sizeof msg, "reply of %zu elements exceeds max_elements (%zu); "
-             "connection closed", r->limit_hit, r->max_elements);
-    resume_error(f, msg, "limit");
-  } else {
-    snprintf(msg, sizeof msg, "connection lost (%s: %s)", r->where,
-             ac->errstr && ac->errstr[0] ? ac->errstr : "closed by the server");
-    resume_error(f, msg, "connection_lost");
-  }
-}
-
-static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
-  cmd_op_t *op = privdata;
-  const redisReply *rp = reply;
-  fb_fiber_t *f = op->fiber;
-  int i = op->got++;
-  if (f) {
-    lua_State *co = fb_fiber_thread(f);
-    if (!rp) {
-      op->fiber = NULL;
-      fail_lost(f, op->r, ac);
-    } else if (!op->pipeline) {
-      op->fiber = NULL;
-      if (rp->type == REDIS_REPLY_ERROR) {
-        lua_checkstack(co, 3);
-        fb_fiber_ready(f, push_lerror(co, rp->str, rp->len, "redis_error"));
-      } else {
-        push_reply(co, rp, 0);
-        fb_fiber_ready(f, 1);
-      }
-    } else {
-      lua_checkstack(co, 2);
-      if (i == 0) lua_createtable(co, op->n, 0);   /* stack: replies */
-      push_reply(co, rp, 1);
-      lua_rawseti(co, -2, i + 1);
-      if (op->got == op->n) {
-        op->fiber = NULL;
-        fb_fiber_ready(f, 1);
-      }
-    }
-  }
-  if (op->got == op->n) {
-    fb_redis_t *r = op->r;
-    op_unlink_free(op);
-    poll_ref_update(r);
-  }
-}
-
-/* A timeout or cancel: a late reply would be matched to the next command, so the whole
- * connection goes; other fibers waiting on it fail with the same reason. */
-static void cmd_cancel(fb_fiber_t *f, void *data) {
-  cmd_op_t *op = data;
-  (void)f;
-  op->fiber = NULL;
-  redis_discard(op->r, "connection closed: a command on it timed out or was cancelled",
-                "closed");
-}
-
-/* Commands whose replies do not pair one-to-one with requests (pub/sub, MONITOR, CLIENT
- * REPLY): hiredis 0.14 aborts on unsolicited replies, so they are refused here. */
-static int unpaired(const char *cmd, size_t len, const char *arg, size_t alen) {
-  static const char *const names[] = { "subscribe", "psubscribe", "ssubscribe",
-    "unsubscribe", "punsubscribe", "sunsubscribe", "monitor", NULL };
-  int i;
-  for (i = 0; names[i]; i++)
-    if (len == strlen(names[i]) && strncasecmp(cmd, names[i], len) == 0) return 1;
-  return len == 6 && strncasecmp(cmd, "client", 6) == 0 && arg && alen == 5 &&
-         strncasecmp(arg, "reply", 5) == 0;
-}
-
-static fb_redis_t *check_box(lua_State *L) {
+fb_redis_t *fb_redis_check(lua_State *L) {
   box_t *box = luaL_checkudata(L, 1, REDIS_MT);
   if (!box->r) luaL_error(L, "redis: connection is closed");
   return box->r;
 }
 
 /* Seconds from argument idx: none/nil = wait forever (-1). */
-static double opt_timeout(lua_State *L, int idx) {
+double fb_redis_opt_timeout(lua_State *L, int idx) {
   double s;
   if (lua_isnoneornil(L, idx)) return -1;
   s = luaL_checknumber(L, idx);
   if (!(s >= 0)) luaL_error(L, "redis: timeout must be a non-negative number of seconds");
   return s > 1e9 ? -1 : s;
-}
-
-static cmd_op_t *op_new(lua_State *L, fb_redis_t *r, int n, int pipeline) {
-  cmd_op_t *op = calloc(1, sizeof *op);
-  if (!op) luaL_error(L, "redis: out of memory");
-  op->r = r;
-  op->n = n;
-  op->pipeline = (unsigned char)pipeline;
-  op->next = r->ops;
-  if (r->ops) r->ops->prev = op;
-  r->ops = op;
-  R.live_ops++;
-  return op;
-}
-
-/* Queues argv (borrowed: hiredis formats a copy into its output buffer at once). */
-static int queue_argv(fb_redis_t *r, cmd_op_t *op, int argc, const char **argv,
-                      const size_t *lens) {
-  return redisAsyncCommandArgv(r->ac, on_reply, op, argc, argv, lens) == REDIS_OK;
-}
-
-/* call(conn, timeout, cmd, ...) -> reply | nil, msg, code. Arguments are strings or
- * numbers; each goes as one argv element, so nothing is spliced into the protocol. */
-static int l_redis_call(lua_State *L) {
-  fb_redis_t *r = check_box(L);
-  double timeout = opt_timeout(L, 2);
-  int argc = lua_gettop(L) - 2, i, ok;
-  const char *sargv[REDIS_ARGV_STACK], **argv = sargv;
-  size_t slens[REDIS_ARGV_STACK], *lens = slens;
-  fb_fiber_t *f;
-  cmd_op_t *op;
-
-  if (argc < 1) return luaL_error(L, "redis: call needs a command name");
-  for (i = 0; i < argc; i++) {
-    int t = lua_type(L, i + 3);
-    if (t != LUA_TSTRING && t != LUA_TNUMBER)
-      return luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1,
-                        lua_typename(L, t));
-  }
-  if (!r->ac || r->discarding) return push_error(L, r->lost, r->lost_code);
-  {
-    size_t l0, l1 = 0;
-    const char *c0 = lua_tolstring(L, 3, &l0);
-    const char *c1 = argc > 1 ? lua_tolstring(L, 4, &l1) : NULL;
-    if (unpaired(c0, l0, c1, l1))
-      return luaL_error(L, "redis: %s is not supported on this connection (pub/sub and "
-                        "MONITOR need a dedicated connection)", c0);
-  }
-  f = fb_fiber_check(L, "redis.call");
-  if (argc > REDIS_ARGV_STACK) {
-    argv = malloc(sizeof *argv * (size_t)argc);
-    lens = malloc(sizeof *lens * (size_t)argc);
-    if (!argv || !lens) {
-      free(argv);
-      free(lens);
-      return luaL_error(L, "redis: out of memory");
-    }
-  }
-  for (i = 0; i < argc; i++)    /* borrowed: numbers are converted in place on the stack */
-    argv[i] = lua_tolstring(L, i + 3, &lens[i]);
-  op = op_new(L, r, 1, 0);
-  ok = queue_argv(r, op, argc, argv, lens);
-  if (argv != sargv) {
-    free(argv);
-    free(lens);
-  }
-  if (!ok) {
-    op_unlink_free(op);
-    return push_error(L, "cannot queue the command (out of memory)", "ENOMEM");
-  }
-  op->fiber = f;
-  poll_ref_update(r);
-  fb_fiber_on_cancel(f, cmd_cancel, op);
-  return fb_fiber_suspend(L, f, timeout);
-}
-
-/* Checks that the value on top is a non-empty list of strings; returns its length. */
-static int check_command(lua_State *L, int i) {
-  int n, j;
-  if (!lua_istable(L, -1)) luaL_error(L, "redis: pipeline command %d is not a list", i);
-  n = (int)lua_objlen(L, -1);
-  if (n < 1) luaL_error(L, "redis: pipeline command %d is empty", i);
-  for (j = 1; j <= n; j++) {
-    lua_rawgeti(L, -1, j);
-    if (lua_type(L, -1) != LUA_TSTRING)
-      luaL_error(L, "redis: pipeline command %d argument %d is not a string", i, j);
-    lua_pop(L, 1);
-  }
-  return n;
-}
-
-/* pipeline(conn, timeout, { {cmd, ...}, ... }) -> { reply, ... } | nil, msg, code. Every
- * command is queued before the loop runs again, so they leave in one write; error replies
- * stand in their slots as error objects. Arguments must be strings (redis.lua converts). */
-static int l_redis_pipeline(lua_State *L) {
-  fb_redis_t *r = check_box(L);
-  double timeout = opt_timeout(L, 2);
-  int n, i, j, maxargc = 0;
-  const char **argv;
-  size_t *lens;
-  fb_fiber_t *f;
-  cmd_op_t *op;
-
-  luaL_checktype(L, 3, LUA_TTABLE);
-  n = (int)lua_objlen(L, 3);
-  for (i = 1; i <= n; i++) {    /* raise on a bad command before anything is queued */
-    int argc;
-    lua_rawgeti(L, 3, i);
-    argc = check_command(L, i);
-    lua_rawgeti(L, -1, 1);
-    {
-      size_t l0, l1 = 0;
-      const char *c0 = lua_tolstring(L, -1, &l0), *c1 = NULL;
-      if (argc > 1) {
-        lua_rawgeti(L, -2, 2);
-        c1 = lua_tolstring(L, -1, &l1);
-        lua_pop(L, 1);          /* the string stays anchored in the command list */
-      }
-      if (unpaired(c0, l0, c1, l1))
-        luaL_error(L, "redis: %s is not supported in a pipeline", c0);
-    }
-    lua_pop(L, 2);
-    if (argc > maxargc) maxargc = argc;
-  }
-  if (n == 0) {
-    lua_newtable(L);
-    return 1;
-  }
-  if (!r->ac || r->discarding) return push_error(L, r->lost, r->lost_code);
-  f = fb_fiber_check(L, "redis.pipeline");
-  argv = malloc(sizeof *argv * (size_t)maxargc);
-  lens = malloc(sizeof *lens * (size_t)maxargc);
-  if (!argv || !lens) {
-    free(argv);
-    free(lens);
-    return luaL_error(L, "redis: out of memory");
-  }
-  op = op_new(L, r, n, 1);
-  for (i = 1; i <= n; i++) {
-    int argc;
-    lua_rawgeti(L, 3, i);                    /* stack: ... command */
-    argc = (int)lua_objlen(L, -1);
-    for (j = 0; j < argc; j++) {             /* borrowed: anchored in the command list */
-      lua_rawgeti(L, -1, j + 1);
-      argv[j] = lua_tolstring(L, -1, &lens[j]);
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-    if (!queue_argv(r, op, argc, argv, lens)) break;
-  }
-  free(argv);
-  free(lens);
-  if (i <= n) {                 /* out of memory part way: some commands are queued */
-    op->n = i - 1;
-    if (op->n == 0) op_unlink_free(op);
-    else redis_discard(r, "connection closed: a pipeline could not be queued", "ENOMEM");
-    return push_error(L, "cannot queue the pipeline (out of memory)", "ENOMEM");
-  }
-  op->fiber = f;
-  poll_ref_update(r);
-  fb_fiber_on_cancel(f, cmd_cancel, op);
-  return fb_fiber_suspend(L, f, timeout);
 }
 
 /* ---- connecting ------------------------------------------------------------------- */
@@ -527,7 +215,7 @@ static void connect_done(fb_redis_t *r) {
   r->boxed = 1;
   r->connecting = 0;
   r->cfiber = NULL;
-  poll_ref_update(r);
+  fb_redis_poll_ref_update(r);
   fb_fiber_ready(f, 1);
 }
 
@@ -536,7 +224,7 @@ static void connect_fail(fb_redis_t *r, const char *msg, const char *code) {
   fb_fiber_t *f = r->cfiber;
   r->cfiber = NULL;
   r->connecting = 0;
-  if (f) resume_error(f, msg, code);
+  if (f) fb_redis_resume_error(f, msg, code);
 }
 
 /* AUTH, then SELECT: privdata is r; replies come in the order they were queued. */
@@ -562,7 +250,7 @@ static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     snprintf(msg, sizeof msg, "%s failed: %.*s", auth ? "AUTH" : "SELECT",
              (int)(rp->len > 200 ? 200 : rp->len), rp->str);
     connect_fail(r, msg, auth ? "auth" : "redis_error");
-    redis_discard(r, "connection closed: its setup failed", "closed");
+    fb_redis_discard(r, "connection closed: its setup failed", "closed");
     return;
   }
   if (r->setup_pending == 0) connect_done(r);
@@ -604,8 +292,7 @@ static void on_disconnect(const redisAsyncContext *ac, int status) {
   (void)status;
   r->ac = NULL;
   if (!r->discarding) {
-    snprintf(r->lost, sizeof r->lost, "connection lost (%s: %s)", r->where,
-             ac->errstr && ac->errstr[0] ? ac->errstr : "closed by the server");
+    fb_redis_lost_message(r, ac, r->lost, sizeof r->lost);
     r->lost_code = "connection_lost";
   }
   redis_maybe_free(r);          /* not while in_free: redis_discard finishes that */
@@ -616,7 +303,7 @@ static void connect_cancel(fb_fiber_t *f, void *data) {
   (void)f;
   r->cfiber = NULL;
   r->connecting = 0;
-  redis_discard(r, "connection closed: connect timed out or was cancelled", "closed");
+  fb_redis_discard(r, "connection closed: connect timed out or was cancelled", "closed");
 }
 
 /* connect(host, port, path, timeout, password, user, db, max_elements) -> conn |
@@ -626,7 +313,7 @@ static int l_redis_connect(lua_State *L) {
   const char *host = luaL_optstring(L, 1, NULL);   /* borrowed: arguments stay put */
   lua_Integer port = luaL_optinteger(L, 2, 6379);
   const char *path = luaL_optstring(L, 3, NULL);
-  double timeout = opt_timeout(L, 4);
+  double timeout = fb_redis_opt_timeout(L, 4);
   const char *password = luaL_optstring(L, 5, NULL);
   const char *user = luaL_optstring(L, 6, NULL);
   lua_Integer db = luaL_optinteger(L, 7, 0);
@@ -651,6 +338,7 @@ static int l_redis_connect(lua_State *L) {
   r->lost_code = "closed";
   r->db = (long)db;
   r->max_elements = (size_t)maxel;
+  r->sub_max_bytes = REDIS_SUB_MAX_BYTES;
   if ((password && !(r->password = strdup(password))) || (user && !(r->user = strdup(user)))) {
     free(r->password);
     free(r);
@@ -671,14 +359,14 @@ static int l_redis_connect(lua_State *L) {
     if (ac) redisAsyncFree(ac);
     r->connecting = 0;
     redis_maybe_free(r);
-    return push_error(L, msg, ac ? errno_code(e) : "ENOMEM");
+    return fb_redis_push_error(L, msg, ac ? errno_code(e) : "ENOMEM");
   }
   r->ac = ac;
   ac->data = r;
   if (redisLibuvAttach(ac, fb_sched_loop()) != REDIS_OK) {
     r->connecting = 0;
-    redis_discard(r, "cannot watch the socket", "ENOMEM");
-    return push_error(L, "cannot watch the socket", "ENOMEM");
+    fb_redis_discard(r, "cannot watch the socket", "ENOMEM");
+    return fb_redis_push_error(L, "cannot watch the socket", "ENOMEM");
   }
   ac->ev.addRead = ev_add_read;
   ac->ev.delRead = ev_del_read;
@@ -713,7 +401,7 @@ static int l_redis_close(lua_State *L) {
   if (!r) return 0;
   box->r = NULL;
   r->boxed = 0;
-  redis_discard(r, "connection is closed", "closed");
+  fb_redis_discard(r, "connection is closed", "closed");
   return 0;
 }
 
@@ -724,6 +412,7 @@ static int l_redis_gc(lua_State *L) {
   cmd_op_t *op;
   if (box->r)
     for (op = box->r->ops; op; op = op->next) op->fiber = NULL;
+  if (box->r) fb_redis_sub_detach(box->r);
   return l_redis_close(L);
 }
 
@@ -753,17 +442,20 @@ static int l_redis_sentinel_gc(lua_State *L) {
     r->cfiber = NULL;
     r->connecting = 0;
     for (op = r->ops; op; op = op->next) op->fiber = NULL;
+    fb_redis_sub_detach(r);
   }
   for (r = R.conns; r; r = next) {
     next = r->live_next;        /* redis_discard may free r */
-    redis_discard(r, "connection is closed", "closed");
+    fb_redis_discard(r, "connection is closed", "closed");
   }
   return 0;
 }
 
 static const luaL_Reg redis_methods[] = {
-  { "call", l_redis_call },
-  { "pipeline", l_redis_pipeline },
+  { "call", fb_redis_l_call },
+  { "pipeline", fb_redis_l_pipeline },
+  { "subscribe", fb_redis_l_subscribe },
+  { "next_message", fb_redis_l_next_message },
   { "close", l_redis_close },
   { "state", l_redis_state },
   { NULL, NULL }
