@@ -73,6 +73,7 @@ function M.load(dir, env, overrides)
   add_paths(dir)
   local ok, cfg = pcall(config.load, dir, env or "development", overrides)
   if not ok then boot_error(tostring(cfg)) end
+  config.set_current(cfg)
   local router = load_routes(dir)
   local controllers = {}
   for _, route in ipairs(router:routes()) do

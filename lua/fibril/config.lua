@@ -70,7 +70,7 @@ local SCHEMA = {
   ["pubsub.adapter"]         = { "string",  "local",     one_of("local", "redis") },
   ["pubsub.url"]             = { "string",  nil,         non_empty },  -- nil: redis.url
   ["pubsub.retention"]       = { "number",  300,         seconds },
-  ["redis.url"]              = { "string",  "redis://127.0.0.1:6379/0", non_empty },
+  ["redis.url"]              = { "string",  nil,         non_empty },  -- nil: REDIS_URL or local
   ["redis.pool"]             = { "number",  10,          positive_integer },
   ["redis.connect_timeout"]  = { "number",  5,           seconds },
   ["redis.timeout"]          = { "number",  5,           seconds },
@@ -325,5 +325,17 @@ function M.load(app_dir, env, overrides)
   cfg.env, cfg.app_dir = env, app_dir
   return cfg
 end
+
+-- The settings of the app this process runs (set by fibril.app.load), for the modules whose
+-- default instance reads them (require "fibril.redis" is a pool configured from `redis`).
+local current
+
+--- The loaded app's settings, or nil when no app is loaded (a script, a spec).
+---@return table|nil
+function M.current() return current end
+
+--- Makes cfg the loaded app's settings (fibril.app.load calls this).
+---@param cfg table|nil
+function M.set_current(cfg) current = cfg end
 
 return M

@@ -1,0 +1,93 @@
+--- fibril.pubsub.local: the in-process adapter. publish queues the message and returns; one
+--- dispatching fiber (running while there is work) delivers messages in publish order, each
+--- handler call a unit of work, so a slow or failing handler never runs inside the publisher.
+--- With --workers N, relaying between worker processes is the SSE issue's work (issue 8).
+local executor = require "fibril.executor"
+local fcore = require "fibril.core.fiber"
+local log = require "fibril.log"
+
+local setmetatable, tostring, type, remove = setmetatable, tostring, type, table.remove
+local spawn, set_context = fcore.spawn, fcore.set_context
+
+local M = {}
+local Local = {}
+local LocalMT = { __index = Local }
+local Sub = {}
+local SubMT = { __index = Sub }
+
+function M.new()
+  return setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false },
+                      LocalMT)
+end
+
+-- Calls each handler of channel with message, each a unit of work; errors are logged.
+local function deliver(list, channel, message)
+  for i = 1, #list do
+    local sub = list[i]
+    if sub and sub.active then
+      local ok, err = executor.call(sub.fn, { channel = channel }, message, channel)
+      if not ok then
+        log.error("pubsub handler failed", { channel = channel,
+                  err = tostring(type(err) == "table" and err.message or err),
+                  traceback = type(err) == "table" and err.traceback or nil })
+      end
+    end
+  end
+end
+
+local function dispatch(self)
+  set_context(nil)               -- not part of the publisher's unit
+  while self.head <= self.tail do
+    local i = self.head
+    local channel, message = self.queue[i], self.queue[i + 1]
+    self.queue[i], self.queue[i + 1] = nil, nil
+    self.head = i + 2
+    local list = self.channels[channel]
+    if list then
+      local copy = { unpack(list) }   -- handlers may unsubscribe while we iterate
+      deliver(copy, channel, message)
+    end
+  end
+  self.head, self.tail, self.running = 1, 0, false
+end
+
+function Local:publish(channel, message)
+  if not self.channels[channel] then return 0 end
+  local n = self.tail
+  self.queue[n + 1], self.queue[n + 2] = channel, message
+  self.tail = n + 2
+  if not self.running then
+    self.running = true
+    spawn(dispatch, self)
+  end
+  return #self.channels[channel]
+end
+
+function Local:subscribe(channel, fn)
+  local list = self.channels[channel]
+  if not list then list = {}; self.channels[channel] = list end
+  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true }, SubMT)
+  list[#list + 1] = sub
+  return sub
+end
+
+function Sub:unsubscribe()
+  if not self.active then return end
+  self.active = false
+  local channels = self.adapter.channels
+  local list = channels[self.channel]
+  if not list then return end
+  for i = #list, 1, -1 do
+    if list[i] == self then remove(list, i) end
+  end
+  if #list == 0 then channels[self.channel] = nil end
+end
+
+function Local:close()
+  for _, list in pairs(self.channels) do
+    for _, sub in ipairs(list) do sub.active = false end
+  end
+  self.channels = {}
+end
+
+return M
