@@ -4,48 +4,11 @@
 local fibril = require "fibril"
 local redis = require "fibril.redis"
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read("*a")
-  p:close()
-  return out
-end
+local support = require "spec.support"
 
-local function ping(port)
-  return sh("redis-cli -p " .. port .. " ping 2>/dev/null") == "PONG\n"
-end
-
-local servers = {}
-local dir = sh("mktemp -d /tmp/fibril-redis-spec.XXXXXX"):gsub("%s+$", "")
-
--- Starts redis-server on a free port with extra arguments; returns { port, pid, sock }.
-local function start_server(extra)
-  for _ = 1, 20 do
-    local port = math.random(20000, 50000)
-    if not ping(port) then
-      local sock = dir .. "/redis-" .. port .. ".sock"
-      local pid = tonumber(sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no "
-        .. "--dir %s --daemonize no --enable-debug-command local --unixsocket %s %s "
-        .. ">%s/log-%d 2>&1 & echo $!"):format(port, dir, sock, extra or "", dir, port)))
-      for _ = 1, 100 do
-        if ping(port) or sh("redis-cli -p " .. port .. " ping 2>&1"):find("NOAUTH") then
-          local s = { port = port, pid = pid, sock = sock }
-          servers[#servers + 1] = s
-          return s
-        end
-        if sh("kill -0 " .. pid .. " 2>/dev/null && echo up") == "" then break end  -- port taken
-        fibril.sleep(0.02)
-      end
-      os.execute("kill " .. pid .. " 2>/dev/null")
-    end
-  end
-  error("could not start redis-server")
-end
-
-local function stop_server(s)
-  os.execute("kill -9 " .. s.pid .. " 2>/dev/null")
-  s.stopped = true
-end
+local function start_server(extra) return support.redis_server(extra) end
+local function stop_server(s) s:stop() end
+local dir = support.tmpdir()
 
 local function live()
   local conns, requests = redis.live()
@@ -69,12 +32,7 @@ describe("fibril.redis", function()
     baseline = live()
   end)
 
-  teardown(function()
-    for _, s in ipairs(servers) do
-      if not s.stopped then stop_server(s) end
-    end
-    os.execute("rm -rf '" .. dir .. "'")
-  end)
+  teardown(function() support.stop_redis_servers() end)
 
   it("sets and gets a value", function()
     local conn = connect()
@@ -217,7 +175,7 @@ describe("fibril.redis", function()
 
   it("raises an error naming the address when nothing listens", function()
     local port
-    repeat port = math.random(20000, 50000) until not ping(port)
+    repeat port = math.random(20000, 50000) until not support.redis_answers(port)
     local ok, err = pcall(redis.connect, "redis://127.0.0.1:" .. port)
     assert.is_false(ok)
     assert.are.equal("ECONNREFUSED", err.code)

@@ -233,4 +233,77 @@ function M.settled(live, baseline)
   return live()
 end
 
+-- ---- redis-server processes of a spec's own (to kill, restart, or give a password) --------
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+local function redis_ping(port)
+  local out = sh("redis-cli -p " .. port .. " ping 2>&1")
+  return out == "PONG\n" or out:find("NOAUTH", 1, true) ~= nil
+end
+
+--- True when a Redis server answers on the loopback port.
+M.redis_answers = redis_ping
+
+local RedisServer = {}
+RedisServer.__index = RedisServer
+local redis_servers = {}
+
+-- Runs redis-server on s.port; true once it answers, false when the port was taken.
+function RedisServer:start()
+  local fibril = require "fibril"
+  self.pid = tonumber(sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no "
+    .. "--dir %s --daemonize no --enable-debug-command local --unixsocket %s %s "
+    .. ">>%s/redis-%d.log 2>&1 & echo $!"):format(self.port, M.tmpdir(), self.sock,
+    self.extra or "", M.tmpdir(), self.port)))
+  self.stopped = false
+  for _ = 1, 250 do
+    if redis_ping(self.port) then return true end
+    if sh("kill -0 " .. self.pid .. " 2>/dev/null && echo up") == "" then return false end
+    fibril.sleep(0.02)
+  end
+  error("redis-server on port " .. self.port .. " did not answer")
+end
+
+--- Kills the server (SIGKILL: no goodbye to the clients) and waits until the port is free.
+function RedisServer:stop()
+  if self.stopped then return end
+  os.execute("kill -9 " .. self.pid .. " 2>/dev/null")
+  self.stopped = true
+  local fibril = require "fibril"
+  for _ = 1, 250 do
+    if not redis_ping(self.port) then return end
+    fibril.sleep(0.02)
+  end
+end
+
+--- Starts a redis-server of the spec's own on a free loopback port (and a unix socket), with
+--- extra command-line arguments. Returns { port, url, sock, pid, stop(), start() }; every
+--- one still running is killed by stop_redis_servers().
+function M.redis_server(extra)
+  for _ = 1, 20 do
+    local port = math.random(20000, 50000)
+    if not redis_ping(port) then
+      local s = setmetatable({ port = port, extra = extra,
+        url = "redis://127.0.0.1:" .. port .. "/0",
+        sock = M.tmpdir() .. "/redis-" .. port .. ".sock" }, RedisServer)
+      if s:start() then
+        redis_servers[#redis_servers + 1] = s
+        return s
+      end
+    end
+  end
+  error("could not start redis-server")
+end
+
+function M.stop_redis_servers()
+  for _, s in ipairs(redis_servers) do s:stop() end
+  redis_servers = {}
+end
+
 return M

@@ -146,11 +146,13 @@ end
 function M.blocking(cmd, ...)
   local where = BLOCKING[cmd] or BLOCKING[upper(cmd)]
   if not where then return nil end
-  local n, t = select("#", ...), nil
-  if where == "last" then t = n > 0 and tonumber((select(n, ...)))
-  elseif where == "first" then t = n > 0 and tonumber((...))
-  elseif where == "last_ms" then t = n > 0 and tonumber((select(n, ...))); t = t and t / 1000
-  else t = block_ms(...); if not t then return nil end; t = t / 1000 end
+  local n = select("#", ...)
+  if where == "BLOCK" then
+    local ms = block_ms(...)
+    return ms and ms / 1000
+  end
+  local t = n > 0 and tonumber((select(where == "first" and 1 or n, ...)))
+  if t and where == "last_ms" then t = t / 1000 end
   return t or 0
 end
 

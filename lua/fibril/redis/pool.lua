@@ -109,9 +109,10 @@ local function checkout(self, set)
       return open_conn(self, set)
     end
     local left = deadline and deadline - now()
-    local ok, err = true, nil
-    if left and left <= 0 then ok = false
-    else ok, err = pcall(set.waiters.wait, set.waiters, left, "redis pool checkout") end
+    local ok, err = false, nil
+    if not (left and left <= 0) then
+      ok, err = pcall(set.waiters.wait, set.waiters, left, "redis pool checkout")
+    end
     if not ok then
       if err ~= nil and not (type(err) == "table" and err.code == "timeout") then error(err, 0) end
       error(new_error("timeout", format("redis: no free connection to %s within %g s (pool of %d"
