@@ -81,11 +81,14 @@ static void *bounded_create_array(const redisReadTask *task, int elements) {
 
 /* ---- lifetime ---------------------------------------------------------------------- */
 
+static void flush_unlink(fb_redis_t *r);
+
 static void redis_maybe_free(fb_redis_t *r) {
   if (r->ac || r->boxed || r->connecting || r->in_free) return;
   if (r->live_prev) r->live_prev->live_next = r->live_next;
   else R.conns = r->live_next;
   if (r->live_next) r->live_next->live_prev = r->live_prev;
+  flush_unlink(r);
   fb_redis_sub_free(r);
   free(r->password);
   free(r->user);
@@ -138,6 +141,7 @@ static void on_poll(uv_poll_t *h, int status, int events) {
 }
 
 static void poll_set(redisLibuvEvents *p, int events) {
+  if (p->events == events) return;   /* uv_poll_start re-registers the fd: 2 syscalls */
   p->events = events;
   if (events) uv_poll_start(&p->handle, events, on_poll);
   else uv_poll_stop(&p->handle);
@@ -153,9 +157,58 @@ static void ev_del_read(void *data) {
   poll_set(p, p->events & ~UV_READABLE);
 }
 
+/* Writes are coalesced: a command queued on a connected context does not start a writable
+ * poll (an fd re-registration, then a wait for the next poll) but puts the connection in a
+ * list that the prepare handle flushes right before the loop polls, one write per connection
+ * for everything fibers queued in that turn. Only a write that cannot finish polls. */
+static struct {
+  uv_prepare_t prepare;
+  int ready, flushing;
+  fb_redis_t *head;
+} F;
+
+static void on_flush(uv_prepare_t *h) {
+  fb_redis_t *r;
+  F.flushing = 1;
+  while ((r = F.head)) {
+    F.head = r->flush_next;     /* unlinked first: a failed write may free r */
+    r->flush_next = NULL;
+    r->flush_queued = 0;
+    if (r->ac && !r->discarding) redisAsyncHandleWrite(r->ac);
+  }
+  F.flushing = 0;
+  uv_prepare_stop(h);
+}
+
+static void flush_unlink(fb_redis_t *r) {
+  fb_redis_t **pp;
+  if (!r->flush_queued) return;
+  for (pp = &F.head; *pp; pp = &(*pp)->flush_next)
+    if (*pp == r) {
+      *pp = r->flush_next;
+      break;
+    }
+  r->flush_queued = 0;
+}
+
 static void ev_add_write(void *data) {
   redisLibuvEvents *p = data;
-  poll_set(p, p->events | UV_WRITABLE);
+  redisAsyncContext *ac = p->context;
+  fb_redis_t *r = ac ? ac->data : NULL;
+  if (!r || F.flushing || !(ac->c.flags & REDIS_CONNECTED)) {   /* connecting: must poll */
+    poll_set(p, p->events | UV_WRITABLE);
+    return;
+  }
+  if (r->flush_queued) return;
+  r->flush_queued = 1;
+  r->flush_next = F.head;
+  F.head = r;
+  if (!F.ready) {
+    uv_prepare_init(fb_sched_loop(), &F.prepare);
+    uv_unref((uv_handle_t *)&F.prepare);
+    F.ready = 1;
+  }
+  uv_prepare_start(&F.prepare, on_flush);
 }
 
 static void ev_del_write(void *data) {
@@ -443,6 +496,12 @@ static int l_redis_sentinel_gc(lua_State *L) {
     r->connecting = 0;
     for (op = r->ops; op; op = op->next) op->fiber = NULL;
     fb_redis_sub_detach(r);
+  }
+  F.head = NULL;
+  for (r = R.conns; r; r = r->live_next) r->flush_queued = 0;
+  if (F.ready) {
+    uv_close((uv_handle_t *)&F.prepare, NULL);
+    F.ready = 0;
   }
   for (r = R.conns; r; r = next) {
     next = r->live_next;        /* redis_discard may free r */

@@ -12,7 +12,6 @@
 #include "error.h"
 #include "redis_conn.h"
 
-#define REDIS_ARGV_STACK 16         /* argv arrays up to this size live on the C stack */
 #define EXACT_INT_MAX (1LL << 53)   /* larger integers come back as decimal strings */
 #define R fb_redis_registry
 
@@ -130,6 +129,7 @@ static int unpaired(const char *cmd, size_t len, const char *arg, size_t alen) {
   static const char *const names[] = { "subscribe", "psubscribe", "ssubscribe",
     "unsubscribe", "punsubscribe", "sunsubscribe", "monitor", NULL };
   int i;
+  if (len < 6 || len > 12) return 0;    /* "client" .. "punsubscribe": most commands leave */
   for (i = 0; names[i]; i++)
     if (len == strlen(names[i]) && strncasecmp(cmd, names[i], len) == 0) return 1;
   return len == 6 && strncasecmp(cmd, "client", 6) == 0 && arg && alen == 5 &&
@@ -149,20 +149,75 @@ static cmd_op_t *op_new(lua_State *L, fb_redis_t *r, int n, int pipeline) {
   return op;
 }
 
-/* Queues argv (borrowed: hiredis formats a copy into its output buffer at once). */
-static int queue_argv(fb_redis_t *r, cmd_op_t *op, int argc, const char **argv,
-                      const size_t *lens) {
-  return redisAsyncCommandArgv(r->ac, on_reply, op, argc, argv, lens) == REDIS_OK;
+/* ---- the protocol, formatted here ----------------------------------------------------
+ * Commands are written in RESP into one reusable buffer and handed to hiredis already
+ * formatted: hiredis' own formatter (sdscatfmt per argument) was the largest cost of a
+ * pipeline. The buffer is process-wide (one thread), trimmed back after a very large command,
+ * and a luaL_error part way leaks nothing. */
+static struct {
+  char *p;
+  size_t len, cap;
+  size_t *ends;                 /* pipeline: where each command ends in p */
+  size_t ends_cap;
+} W;
+
+#define W_KEEP (1u << 20)       /* a buffer grown beyond this is freed after use */
+
+static void w_reserve(lua_State *L, size_t more) {
+  size_t cap;
+  char *p;
+  if (W.len + more <= W.cap) return;
+  cap = W.cap ? W.cap : 4096;
+  while (cap < W.len + more) cap *= 2;
+  if (!(p = realloc(W.p, cap))) luaL_error(L, "redis: out of memory");
+  W.p = p;
+  W.cap = cap;
+}
+
+static void w_trim(void) {
+  if (W.cap > W_KEEP) {
+    free(W.p);
+    W.p = NULL;
+    W.cap = 0;
+  }
+  if (W.ends_cap > W_KEEP / sizeof *W.ends) {
+    free(W.ends);
+    W.ends = NULL;
+    W.ends_cap = 0;
+  }
+  W.len = 0;
+}
+
+/* "<c><n>\r\n": an array or bulk string header (room reserved by the caller). */
+static void w_header(char c, size_t n) {
+  char digits[24];
+  int k = 0;
+  do digits[k++] = (char)('0' + n % 10); while ((n /= 10) > 0);
+  W.p[W.len++] = c;
+  while (k > 0) W.p[W.len++] = digits[--k];
+  W.p[W.len++] = '\r';
+  W.p[W.len++] = '\n';
+}
+
+static void w_bulk(lua_State *L, const char *s, size_t len) {
+  w_reserve(L, len + 32);
+  w_header('$', len);
+  memcpy(W.p + W.len, s, len);
+  W.len += len;
+  W.p[W.len++] = '\r';
+  W.p[W.len++] = '\n';
+}
+
+static int queue_formatted(fb_redis_t *r, cmd_op_t *op, const char *cmd, size_t len) {
+  return redisAsyncFormattedCommand(r->ac, on_reply, op, cmd, len) == REDIS_OK;
 }
 
 /* call(conn, timeout, cmd, ...) -> reply | nil, msg, code. Arguments are strings or
- * numbers; each goes as one argv element, so nothing is spliced into the protocol. */
+ * numbers; each goes as one bulk string, so nothing is spliced into the protocol. */
 int fb_redis_l_call(lua_State *L) {
   fb_redis_t *r = fb_redis_check(L);
   double timeout = fb_redis_opt_timeout(L, 2);
   int argc = lua_gettop(L) - 2, i, ok;
-  const char *sargv[REDIS_ARGV_STACK], **argv = sargv;
-  size_t slens[REDIS_ARGV_STACK], *lens = slens;
   fb_fiber_t *f;
   cmd_op_t *op;
 
@@ -185,23 +240,17 @@ int fb_redis_l_call(lua_State *L) {
                         "MONITOR need a dedicated connection)", c0);
   }
   f = fb_fiber_check(L, "redis.call");
-  if (argc > REDIS_ARGV_STACK) {
-    argv = malloc(sizeof *argv * (size_t)argc);
-    lens = malloc(sizeof *lens * (size_t)argc);
-    if (!argv || !lens) {
-      free(argv);
-      free(lens);
-      return luaL_error(L, "redis: out of memory");
-    }
+  W.len = 0;
+  w_reserve(L, 24);
+  w_header('*', (size_t)argc);
+  for (i = 0; i < argc; i++) {  /* numbers are converted in place on the stack */
+    size_t len;
+    const char *a = lua_tolstring(L, i + 3, &len);
+    w_bulk(L, a, len);
   }
-  for (i = 0; i < argc; i++)    /* borrowed: numbers are converted in place on the stack */
-    argv[i] = lua_tolstring(L, i + 3, &lens[i]);
   op = op_new(L, r, 1, 0);
-  ok = queue_argv(r, op, argc, argv, lens);
-  if (argv != sargv) {
-    free(argv);
-    free(lens);
-  }
+  ok = queue_formatted(r, op, W.p, W.len);
+  w_trim();
   if (!ok) {
     op_unlink_free(op);
     return fb_redis_push_error(L, "cannot queue the command (out of memory)", "ENOMEM");
@@ -212,19 +261,35 @@ int fb_redis_l_call(lua_State *L) {
   return fb_fiber_suspend(L, f, timeout);
 }
 
-/* Checks that the value on top is a non-empty list of strings; returns its length. */
-static int check_command(lua_State *L, int i) {
+/* Formats the command list on top of the stack (command i of the pipeline): a non-empty
+ * list of strings, refused when it is a pub/sub command. */
+static void format_command(lua_State *L, int i) {
   int n, j;
   if (!lua_istable(L, -1)) luaL_error(L, "redis: pipeline command %d is not a list", i);
   n = (int)lua_objlen(L, -1);
   if (n < 1) luaL_error(L, "redis: pipeline command %d is empty", i);
+  w_reserve(L, 24);
+  w_header('*', (size_t)n);
   for (j = 1; j <= n; j++) {
+    size_t len;
+    const char *a;
     lua_rawgeti(L, -1, j);
     if (lua_type(L, -1) != LUA_TSTRING)
       luaL_error(L, "redis: pipeline command %d argument %d is not a string", i, j);
+    a = lua_tolstring(L, -1, &len);
+    if (j == 1) {
+      size_t l1 = 0;
+      const char *c1 = NULL;
+      if (n > 1) {
+        lua_rawgeti(L, -2, 2);
+        c1 = lua_tolstring(L, -1, &l1);
+        lua_pop(L, 1);          /* still anchored in the command list */
+      }
+      if (unpaired(a, len, c1, l1)) luaL_error(L, "redis: %s is not supported in a pipeline", a);
+    }
+    w_bulk(L, a, len);
     lua_pop(L, 1);
   }
-  return n;
 }
 
 /* pipeline(conn, timeout, { {cmd, ...}, ... }) -> { reply, ... } | nil, msg, code. Every
@@ -233,65 +298,40 @@ static int check_command(lua_State *L, int i) {
 int fb_redis_l_pipeline(lua_State *L) {
   fb_redis_t *r = fb_redis_check(L);
   double timeout = fb_redis_opt_timeout(L, 2);
-  int n, i, j, maxargc = 0;
-  const char **argv;
-  size_t *lens;
+  int n, i;
+  size_t start;
   fb_fiber_t *f;
   cmd_op_t *op;
 
   luaL_checktype(L, 3, LUA_TTABLE);
   n = (int)lua_objlen(L, 3);
-  for (i = 1; i <= n; i++) {    /* raise on a bad command before anything is queued */
-    int argc;
-    lua_rawgeti(L, 3, i);
-    argc = check_command(L, i);
-    lua_rawgeti(L, -1, 1);
-    {
-      size_t l0, l1 = 0;
-      const char *c0 = lua_tolstring(L, -1, &l0), *c1 = NULL;
-      if (argc > 1) {
-        lua_rawgeti(L, -2, 2);
-        c1 = lua_tolstring(L, -1, &l1);
-        lua_pop(L, 1);          /* the string stays anchored in the command list */
-      }
-      if (unpaired(c0, l0, c1, l1))
-        luaL_error(L, "redis: %s is not supported in a pipeline", c0);
-    }
-    lua_pop(L, 2);
-    if (argc > maxargc) maxargc = argc;
-  }
   if (n == 0) {
     lua_newtable(L);
     return 1;
+  }
+  if ((size_t)n > W.ends_cap) {
+    size_t *ends = realloc(W.ends, sizeof *ends * (size_t)n);
+    if (!ends) return luaL_error(L, "redis: out of memory");
+    W.ends = ends;
+    W.ends_cap = (size_t)n;
+  }
+  W.len = 0;
+  for (i = 1; i <= n; i++) {    /* raise on a bad command before anything is queued */
+    lua_rawgeti(L, 3, i);
+    format_command(L, i);
+    lua_pop(L, 1);
+    W.ends[i - 1] = W.len;
   }
   if (!r->ac || r->discarding) return fb_redis_push_error(L, r->lost, r->lost_code);
   if (r->subscribed)
     return luaL_error(L, "redis: this connection is subscribed: it carries subscriptions only");
   f = fb_fiber_check(L, "redis.pipeline");
-  argv = malloc(sizeof *argv * (size_t)maxargc);
-  lens = malloc(sizeof *lens * (size_t)maxargc);
-  if (!argv || !lens) {
-    free(argv);
-    free(lens);
-    return luaL_error(L, "redis: out of memory");
-  }
   op = op_new(L, r, n, 1);
-  for (i = 1; i <= n; i++) {
-    int argc;
-    lua_rawgeti(L, 3, i);                    /* stack: ... command */
-    argc = (int)lua_objlen(L, -1);
-    for (j = 0; j < argc; j++) {             /* borrowed: anchored in the command list */
-      lua_rawgeti(L, -1, j + 1);
-      argv[j] = lua_tolstring(L, -1, &lens[j]);
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-    if (!queue_argv(r, op, argc, argv, lens)) break;
-  }
-  free(argv);
-  free(lens);
-  if (i <= n) {                 /* out of memory part way: some commands are queued */
-    op->n = i - 1;
+  for (i = 0, start = 0; i < n; start = W.ends[i++])
+    if (!queue_formatted(r, op, W.p + start, W.ends[i] - start)) break;
+  w_trim();
+  if (i < n) {                  /* out of memory part way: some commands are queued */
+    op->n = i;
     if (op->n == 0) op_unlink_free(op);
     else fb_redis_discard(r, "connection closed: a pipeline could not be queued", "ENOMEM");
     return fb_redis_push_error(L, "cannot queue the pipeline (out of memory)", "ENOMEM");
@@ -301,4 +341,3 @@ int fb_redis_l_pipeline(lua_State *L) {
   fb_fiber_on_cancel(f, cmd_cancel, op);
   return fb_fiber_suspend(L, f, timeout);
 }
-

@@ -36,6 +36,8 @@ struct fb_redis_s {
   size_t sub_bytes, sub_max_bytes, sub_dropped;
   fb_fiber_t *sub_fiber;        /* the fiber waiting in next_message */
   fb_redis_t *live_next, *live_prev;
+  fb_redis_t *flush_next;       /* in the list of connections to write before the next poll */
+  unsigned char flush_queued;
   char lost[192];               /* why the connection ended, for later calls */
   const char *lost_code;        /* static: "closed" or "connection_lost" */
   char where[128];              /* "127.0.0.1:6379", "[::1]:6379", "/run/redis.sock" */

@@ -10,7 +10,6 @@ local pool = require "fibril.redis.pool"
 
 local type, error, rawget, rawset, setmetatable, getenv = type, error, rawget, rawset,
       setmetatable, os.getenv
-local upper, find = string.upper, string.find
 
 local M = {
   connect = conn.connect,
@@ -65,14 +64,11 @@ setmetatable(M, { __index = function(_, k)
   if type(k) ~= "string" then return nil end
   local f = rawget(forward, k)
   if f then return f end
-  if pool.Pool[k] == nil and not find(k, "^%a[%w_]*$") then return nil end
-  local method = pool.Pool[k] and k or nil
-  local cmd = not method and upper(k) or nil
+  if pool.Pool[k] == nil then return nil end   -- pool methods and command names only
   f = function(self, ...)
     if self ~= M then error("redis: use redis:" .. k .. "(...), not redis." .. k .. "(...)", 2) end
     local p = M.default()
-    if method then return p[method](p, ...) end
-    return p:call(cmd, ...)
+    return p[k](p, ...)
   end
   rawset(forward, k, f)
   return f

@@ -174,8 +174,12 @@ local function command_method(proto, name)
   return f
 end
 
-local ConnMT = { __index = function(_, k) return Conn[k] or command_method(Conn, k) end }
-local PipeMT = { __index = function(_, k) return Pipeline[k] or command_method(Pipeline, k) end }
+-- Instances index the method tables directly (a plain table chain the JIT follows); only a
+-- name missing there reaches the generator, once.
+setmetatable(Conn, { __index = command_method })
+setmetatable(Pipeline, { __index = command_method })
+local ConnMT = { __index = Conn }
+local PipeMT = { __index = Pipeline }
 
 --- Connects and, when the URL says so, authenticates (AUTH password, or AUTH user password
 --- for a Redis 6 ACL user) and selects the database.
@@ -262,7 +266,7 @@ end
 function Conn:pipeline(fn)
   local c = conn_of(self)
   if type(fn) ~= "function" then error("redis: pipeline expects a function", 2) end
-  local p = setmetatable({ _cmds = {}, _n = 0 }, PipeMT)
+  local p = setmetatable({ _cmds = {}, _n = 0, _closed = false }, PipeMT)
   fn(p)
   p._closed = true
   local v, msg, code = cpipeline(c, self._timeout, p._cmds)
@@ -277,15 +281,16 @@ function Pipeline:call(cmd, ...)
   if type(self) ~= "table" or not self._cmds then error("redis: use p:call(), not p.call()", 2) end
   if self._closed then error("redis: this pipeline was already sent", 2) end
   if type(cmd) ~= "string" or cmd == "" then error("redis: command must be a non-empty string", 2) end
-  local argv = { cmd }
-  for i = 1, select("#", ...) do
-    local a = select(i, ...)
-    local ta = type(a)
-    if ta == "number" then a = tostring(a)
-    elseif ta ~= "string" then
-      error("redis: " .. cmd .. " argument " .. i .. " must be a string or a number, got " .. ta, 2)
+  local argv = { cmd, ... }
+  for i = 2, select("#", ...) + 1 do
+    local a = argv[i]
+    if type(a) ~= "string" then
+      if type(a) ~= "number" then
+        error("redis: " .. cmd .. " argument " .. (i - 1) .. " must be a string or a number, got "
+              .. type(a), 2)
+      end
+      argv[i] = tostring(a)
     end
-    argv[i + 1] = a
   end
   local n = self._n + 1
   self._n = n

@@ -57,7 +57,7 @@ function M.new(url, opts)
   end
   local self = setmetatable({
     url = url, copts = copts, checkout_timeout = ct,
-    cmd = new_set(size), blk = new_set(bsize), closed = false,
+    cmd = new_set(size), blk = new_set(bsize), closed = false, _subscriber = false,
   }, M.PoolMT)
   -- Check the URL and options now, so a typo fails where the pool is made, not at first use.
   local ok, err = pcall(conn.parse_url, url)
@@ -164,15 +164,14 @@ end
 local STATEFUL = { MULTI = true, WATCH = true, SELECT = true, CLIENT = true }
 
 local Pinned = {}
-local PinnedMT = { __index = function(_, k)
-  local f = Pinned[k]
-  if f ~= nil then return f end
+setmetatable(Pinned, { __index = function(_, k)
   if type(k) ~= "string" or not find(k, "^%a[%w_]*$") then return nil end
   local cmd = upper(k)
-  f = function(self, ...) return self:call(cmd, ...) end
+  local f = function(self, ...) return self:call(cmd, ...) end
   rawset(Pinned, k, f)
   return f
-end }
+end })
+local PinnedMT = { __index = Pinned }
 
 function Pinned:call(cmd, ...)
   local c = self._c
@@ -206,7 +205,8 @@ end
 function Pinned:is_closed() return self._c == nil or self._c:is_closed() end
 
 local function pin(self)
-  return setmetatable({ _c = checkout(self, self.cmd), _pool = self }, PinnedMT)
+  return setmetatable({ _c = checkout(self, self.cmd), _pool = self, _dirty = false,
+                        _selected = false }, PinnedMT)
 end
 
 --- Runs fn(conn) with a connection of its own for the whole function (MULTI/EXEC, WATCH),
@@ -292,14 +292,14 @@ function Pool:subscribe(channel, fn) return subscriber(self):subscribe(channel, 
 --- Like subscribe, for a glob pattern: fn(message, channel, pattern).
 function Pool:psubscribe(pattern, fn) return subscriber(self):psubscribe(pattern, fn) end
 
-M.PoolMT = { __index = function(_, k)
-  local f = Pool[k]
-  if f ~= nil then return f end
+-- pool:get(k) is pool:call("GET", k): generated once per name, then a plain table lookup.
+setmetatable(Pool, { __index = function(_, k)
   if type(k) ~= "string" or not find(k, "^%a[%w_]*$") then return nil end
   local cmd = upper(k)
-  f = function(self, ...) return self:call(cmd, ...) end
+  local f = function(self, ...) return self:call(cmd, ...) end
   rawset(Pool, k, f)
   return f
-end, __tostring = function(self) return "redis pool " .. where(self) end }
+end })
+M.PoolMT = { __index = Pool, __tostring = function(self) return "redis pool " .. where(self) end }
 
 return M
