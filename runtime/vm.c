@@ -19,6 +19,10 @@
 #include "fs.h"
 #include "fswatch.h"
 #include "redis.h"
+#include "http_client.h"
+#ifdef FIBRIL_HAVE_ZLIB
+#include "inflate.h"
+#endif
 
 #define SYSTEM_LUA_PATH                                                                  \
   "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;"                   \
@@ -120,6 +124,10 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   preload(L, "fibril.core.fs", luaopen_fibril_core_fs);
   preload(L, "fibril.core.fswatch", luaopen_fibril_core_fswatch);
   preload(L, "fibril.core.redis", luaopen_fibril_core_redis);
+  preload(L, "fibril.core.http_client", luaopen_fibril_core_http_client);
+#ifdef FIBRIL_HAVE_ZLIB
+  preload(L, "fibril.core.inflate", luaopen_fibril_core_inflate);
+#endif
   fb_sched_init(L, loop);
   fb_http_init(L, loop);
   return L;

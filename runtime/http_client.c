@@ -1,0 +1,875 @@
+/* http_client.c: one HTTP/1.1 client connection for fibers: TCP through libuv (names resolved
+ * with uv_getaddrinfo), optional TLS (tls.c), llhttp in response mode, a bounded head and a
+ * bounded read-ahead of body bytes. The pool, redirects and the public API are Lua's
+ * (lua/fibril/http.lua). Every byte from the peer is hostile: heads, header counts and
+ * bodies have limits, and a connection that broke a rule is never reused.
+ * A conn is freed only when Lua dropped its box and both of its handles are closed. */
+#include "http_client.h"
+
+#include <lauxlib.h>
+#include <llhttp.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "fiber.h"
+#include "tls.h"
+
+#define HC_MT "fibril.http_client"
+#define HC_MAX_HEADERS 100           /* header lines per response */
+#define HC_READ_AHEAD (256u << 10)   /* body bytes buffered with nobody reading: reading stops */
+#define HC_READ_SIZE 65536u          /* one socket read (and so at most this much plaintext) */
+#define HC_MAX_ADDRS 8
+
+typedef enum { W_NONE, W_CONNECT, W_HEAD, W_BODY } wait_t;
+
+typedef struct connect_op_s connect_op_t;
+typedef struct conn_s conn_t;
+
+typedef struct { uint32_t name_off, name_len, value_off, value_len; } span_t;
+
+struct conn_s {
+  uv_tcp_t tcp;
+  uv_timer_t idle;                /* parked in the pool: closes the connection on expiry */
+  uv_connect_t creq;
+  int open_handles;               /* freed when 0 and !boxed */
+  unsigned char boxed, closing, reading, parked, handshaking;
+  unsigned char active;           /* a request was sent and its response is not complete */
+  unsigned char head_ready, done, keepalive, eof, stray, head_only, in_field;
+  connect_op_t *op;               /* while this is a connect attempt */
+  fb_tls_t *tls;                  /* owned; NULL for plain HTTP */
+  llhttp_t parser;
+  fb_fiber_t *waiter;             /* the one fiber waiting on this connection */
+  wait_t wait;
+  const char *err_code;           /* set once: the connection failed and is dead */
+  char err[256];
+  fb_buf_t head;                  /* header names and values, spans index it */
+  span_t spans[HC_MAX_HEADERS];
+  int nspans;
+  fb_buf_t body;                  /* received body bytes not yet taken by read() */
+  uint64_t body_total, max_body, received;
+  char *rbuf;                     /* HC_READ_SIZE bytes for socket reads */
+  conn_t *live_next, *live_prev;
+};
+
+typedef struct { conn_t *c; } box_t;   /* the userdata; c is NULL once closed */
+
+struct connect_op_s {
+  fb_fiber_t *fiber;              /* NULL once detached: callbacks then only clean up */
+  uv_getaddrinfo_t gai;
+  int resolving;
+  struct sockaddr_storage addrs[HC_MAX_ADDRS];
+  int naddrs, next, last_err;
+  conn_t *c;                      /* the attempt in flight */
+  fb_tls_t *tls;                  /* handed to the connection that succeeds */
+  connect_op_t *live_next, *live_prev;
+};
+
+typedef struct {
+  uv_write_t req;
+  size_t len;
+  char data[];
+} write_req_t;
+
+static struct {
+  conn_t *conns;
+  connect_op_t *ops;
+  size_t live_handles, live_ops, live_writes;
+  llhttp_settings_t settings;
+} H;
+
+size_t fb_http_client_live_handles(void) { return H.live_handles; }
+size_t fb_http_client_live_requests(void) { return H.live_ops + H.live_writes; }
+
+/* ---- results: C reports (nil, msg, code), lua/fibril/http.lua raises --------------- */
+
+static int push_error(lua_State *L, const char *msg, const char *code) {
+  lua_checkstack(L, 3);
+  lua_pushnil(L);
+  lua_pushstring(L, msg);
+  lua_pushstring(L, code);
+  return 3;
+}
+
+static void resume_error(fb_fiber_t *f, const char *msg, const char *code) {
+  fb_fiber_ready(f, push_error(fb_fiber_thread(f), msg, code));
+}
+
+static double opt_timeout(lua_State *L, int idx) {
+  double s;
+  if (lua_isnoneornil(L, idx)) return -1;
+  s = luaL_checknumber(L, idx);
+  if (!(s >= 0)) luaL_error(L, "http: timeout must be a non-negative number of seconds");
+  return s > 1e9 ? -1 : s;
+}
+
+/* ---- connection lifetime ------------------------------------------------------------ */
+
+static void conn_free(conn_t *c) {
+  if (c->live_prev) c->live_prev->live_next = c->live_next;
+  else H.conns = c->live_next;
+  if (c->live_next) c->live_next->live_prev = c->live_prev;
+  fb_buf_free(&c->head);
+  fb_buf_free(&c->body);
+  free(c->rbuf);
+  free(c);
+  H.live_handles--;
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  conn_t *c = h->data;
+  if (--c->open_handles == 0 && !c->boxed) conn_free(c);
+}
+
+static conn_t *conn_new(void) {
+  conn_t *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  if (uv_tcp_init(fb_sched_loop(), &c->tcp) != 0) {
+    free(c);
+    return NULL;
+  }
+  uv_timer_init(fb_sched_loop(), &c->idle);
+  c->tcp.data = c->idle.data = c;
+  c->open_handles = 2;
+  llhttp_init(&c->parser, HTTP_RESPONSE, &H.settings);
+  c->parser.data = c;
+  c->live_next = H.conns;
+  if (H.conns) H.conns->live_prev = c;
+  H.conns = c;
+  H.live_handles++;
+  return c;
+}
+
+/* Closes the handles (once); a waiting fiber resumes with (nil, msg, "closed"). Pending
+ * write and connect callbacks run (UV_ECANCELED) before the close callbacks. */
+static void conn_close(conn_t *c) {
+  fb_fiber_t *f = c->waiter;
+  if (c->closing) return;
+  c->closing = 1;
+  c->waiter = NULL;
+  if (f) resume_error(f, "connection is closed", "closed");
+  fb_tls_free(c->tls);
+  c->tls = NULL;
+  uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+  uv_close((uv_handle_t *)&c->idle, on_handle_closed);
+}
+
+/* Marks the connection failed (the first failure wins); it is never reused after this. */
+static void conn_fail(conn_t *c, const char *code, const char *fmt, ...)
+  __attribute__((format(printf, 3, 4)));
+static void conn_fail(conn_t *c, const char *code, const char *fmt, ...) {
+  va_list ap;
+  if (c->err_code) return;
+  c->err_code = code;
+  va_start(ap, fmt);
+  vsnprintf(c->err, sizeof c->err, fmt, ap);
+  va_end(ap);
+}
+
+/* ---- writing --------------------------------------------------------------------------- */
+
+static void on_write(uv_write_t *req, int status) {
+  write_req_t *w = (write_req_t *)req;
+  conn_t *c = req->handle->data;
+  H.live_writes--;
+  free(w);                        /* the copy dies here, whatever the status */
+  if (status < 0 && status != UV_ECANCELED)
+    conn_fail(c, uv_err_name(status), "write failed: %s", uv_strerror(status));
+}
+
+/* Sends n bytes: what the kernel takes at once, the rest copied and queued. 0 or a uv error. */
+static int send_raw(conn_t *c, const char *p, size_t n, int copy_only) {
+  write_req_t *w;
+  uv_buf_t b;
+  int rc;
+  if (!copy_only) {
+    b = uv_buf_init((char *)p, (unsigned)n);
+    rc = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (rc > 0) {
+      p += rc;
+      n -= (size_t)rc;
+    } else if (rc < 0 && rc != UV_EAGAIN) {
+      return rc;
+    }
+  }
+  if (n == 0) return 0;
+  if (!(w = malloc(sizeof *w + n))) return UV_ENOMEM;
+  memcpy(w->data, p, n);
+  w->len = n;
+  b = uv_buf_init(w->data, (unsigned)n);
+  if ((rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write)) < 0) {
+    free(w);
+    return rc;
+  }
+  H.live_writes++;
+  return 0;
+}
+
+/* Queues the ciphertext OpenSSL produced (handshake records or encrypted data). */
+static int flush_tls(conn_t *c) {
+  size_t n = c->tls ? fb_tls_pending(c->tls) : 0;
+  write_req_t *w;
+  uv_buf_t b;
+  int rc;
+  if (n == 0) return 0;
+  if (!(w = malloc(sizeof *w + n))) return UV_ENOMEM;
+  w->len = fb_tls_take(c->tls, w->data, n);
+  b = uv_buf_init(w->data, (unsigned)w->len);
+  if ((rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write)) < 0) {
+    free(w);
+    return rc;
+  }
+  H.live_writes++;
+  return 0;
+}
+
+/* ---- the response parser (llhttp callbacks) ------------------------------------------ */
+
+static int on_message_begin(llhttp_t *p) {
+  conn_t *c = p->data;
+  fb_buf_reset(&c->head);
+  c->nspans = 0;
+  c->in_field = 0;
+  return 0;
+}
+
+static int head_append(conn_t *c, const char *at, size_t len) {
+  if (fb_buf_append(&c->head, at, len) == 0) return 0;
+  conn_fail(c, "header_too_large", "response head larger than %u bytes", (unsigned)c->head.max);
+  return -1;
+}
+
+static int on_status(llhttp_t *p, const char *at, size_t len) {
+  return head_append(p->data, at, len);   /* not kept, but counted against the limit */
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  conn_t *c = p->data;
+  if (!c->in_field) {
+    if (c->nspans == HC_MAX_HEADERS) {
+      conn_fail(c, "header_too_large", "more than %d header lines", HC_MAX_HEADERS);
+      return -1;
+    }
+    c->spans[c->nspans].name_off = (uint32_t)c->head.len;
+    c->spans[c->nspans].name_len = 0;
+    c->in_field = 1;
+  }
+  c->spans[c->nspans].name_len += (uint32_t)len;
+  return head_append(c, at, len);
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  conn_t *c = p->data;
+  c->spans[c->nspans].value_off = (uint32_t)c->head.len;
+  c->spans[c->nspans].value_len = 0;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  conn_t *c = p->data;
+  c->spans[c->nspans].value_len += (uint32_t)len;
+  return head_append(c, at, len);
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  conn_t *c = p->data;
+  c->nspans++;
+  c->in_field = 0;
+  return 0;
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  conn_t *c = p->data;
+  if (p->status_code == 101) {
+    conn_fail(c, "protocol", "the server switched protocols (101), which fibril.http does not support");
+    return -1;
+  }
+  if (p->status_code < 200) return 0;          /* 100 Continue and friends: skipped */
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->max_body) {
+    conn_fail(c, "body_too_large", "response body of %llu bytes is over max_body (%llu)",
+              (unsigned long long)p->content_length, (unsigned long long)c->max_body);
+    return -1;
+  }
+  c->head_ready = 1;
+  return c->head_only ? 1 : 0;                 /* a response to HEAD has no body */
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len) {
+  conn_t *c = p->data;
+  c->body_total += len;
+  if (c->body_total > c->max_body) {
+    conn_fail(c, "body_too_large", "response body is over max_body (%llu bytes)",
+              (unsigned long long)c->max_body);
+    return -1;
+  }
+  if (fb_buf_append(&c->body, at, len) != 0) {  /* the read-ahead bound: cannot happen */
+    conn_fail(c, "protocol", "body buffer overflow");
+    return -1;
+  }
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  conn_t *c = p->data;
+  if (p->status_code < 200) return 0;          /* the final response follows */
+  c->done = 1;
+  c->active = 0;
+  c->keepalive = (unsigned char)llhttp_should_keep_alive(p);
+  return HPE_PAUSED;                           /* stop: anything after it is stray */
+}
+
+/* Feeds plaintext to the parser, or, outside a request, notes bytes nobody asked for. */
+static void parse(conn_t *c, const char *data, size_t n) {
+  llhttp_errno_t rc;
+  if (n == 0 || c->err_code) return;
+  if (!c->active) {
+    c->stray = 1;                 /* a server talking out of turn: never reuse this one */
+    return;
+  }
+  c->received += n;
+  rc = llhttp_execute(&c->parser, data, n);
+  if (rc == HPE_PAUSED) {
+    if (llhttp_get_error_pos(&c->parser) != data + n) c->stray = 1;
+  } else if (rc != HPE_OK && !c->err_code) {
+    conn_fail(c, "protocol", "invalid response: %s", llhttp_get_error_reason(&c->parser));
+  }
+}
+
+/* ---- reading ---------------------------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  conn_t *c = h->data;
+  (void)suggested;
+  if (!c->rbuf && !(c->rbuf = malloc(HC_READ_SIZE))) {
+    *buf = uv_buf_init(NULL, 0);  /* libuv reports UV_ENOBUFS */
+    return;
+  }
+  *buf = uv_buf_init(c->rbuf, HC_READ_SIZE);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+/* Reads unless closed, failed, at EOF, or with a full read-ahead: a fast server is then
+ * held back by TCP, not by our memory. */
+static void read_update(conn_t *c) {
+  int want = !c->closing && !c->eof && !c->err_code && !c->stray && c->body.len < HC_READ_AHEAD;
+  if (want && !c->reading) {
+    int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    if (rc < 0) conn_fail(c, uv_err_name(rc), "read failed: %s", uv_strerror(rc));
+    else c->reading = 1;
+  } else if (!want && c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+  }
+}
+
+/* Pushes headers as a flat list { name1, value1, name2, value2, ... } (names as sent). */
+static void push_head(lua_State *L, conn_t *c) {
+  int i;
+  lua_checkstack(L, 4);
+  lua_pushinteger(L, c->parser.status_code);
+  lua_createtable(L, c->nspans * 2, 0);
+  for (i = 0; i < c->nspans; i++) {
+    span_t *sp = &c->spans[i];
+    lua_pushlstring(L, c->head.data + sp->name_off, sp->name_len);
+    lua_rawseti(L, -2, 2 * i + 1);
+    lua_pushlstring(L, c->head.data + sp->value_off, sp->value_len);
+    lua_rawseti(L, -2, 2 * i + 2);
+  }
+}
+
+/* What a body read gives now: a chunk, (false, keepalive) at the end, an error; 0: wait. */
+static int body_try(conn_t *c, lua_State *L) {
+  lua_checkstack(L, 3);
+  if (c->body.len > 0) {
+    lua_pushlstring(L, c->body.data, c->body.len);
+    fb_buf_reset(&c->body);
+    if (c->body.cap > 2 * HC_READ_SIZE) fb_buf_free(&c->body);
+    read_update(c);
+    return 1;
+  }
+  if (c->done) {
+    lua_pushboolean(L, 0);
+    lua_pushboolean(L, c->keepalive && !c->stray && !c->eof && !c->err_code);
+    return 2;
+  }
+  if (c->err_code) return push_error(L, c->err, c->err_code);
+  return 0;
+}
+
+/* Resumes the waiting fiber when what it waits for is there. */
+static void deliver(conn_t *c) {
+  fb_fiber_t *f = c->waiter;
+  lua_State *co;
+  int n = 0;
+  if (!f) return;
+  co = fb_fiber_thread(f);
+  if (c->wait == W_HEAD) {
+    if (c->head_ready) {
+      push_head(co, c);
+      n = 2;
+    } else if (c->err_code) {
+      n = push_error(co, c->err, c->err_code);
+    }
+  } else if (c->wait == W_BODY) {
+    n = body_try(c, co);
+  }
+  if (n > 0) {
+    c->waiter = NULL;
+    c->wait = W_NONE;
+    fb_fiber_ready(f, n);
+  }
+}
+
+static void box_push(lua_State *L, conn_t *c) {
+  box_t *box;
+  lua_checkstack(L, 2);
+  box = lua_newuserdata(L, sizeof *box);   /* from here the box owns c */
+  box->c = c;
+  c->boxed = 1;
+  luaL_getmetatable(L, HC_MT);
+  lua_setmetatable(L, -2);
+}
+
+/* The handshake advanced (or failed): finish the connect wait when it is over. */
+static void handshake_step(conn_t *c) {
+  fb_tls_err_t err;
+  fb_fiber_t *f = c->waiter;
+  int rc = fb_tls_handshake(c->tls, &err);
+  int wrc = flush_tls(c);
+  if (rc == FB_TLS_WANT && wrc == 0 && !c->eof && !c->err_code) return;
+  c->handshaking = 0;
+  c->waiter = NULL;
+  c->wait = W_NONE;
+  if (rc == FB_TLS_OK && wrc == 0 && !c->err_code) {
+    box_push(fb_fiber_thread(f), c);
+    fb_fiber_ready(f, 1);
+    return;
+  }
+  if (rc == FB_TLS_ERROR) resume_error(f, err.msg, err.code);
+  else if (wrc != 0) resume_error(f, uv_strerror(wrc), uv_err_name(wrc));
+  else if (c->err_code) resume_error(f, c->err, c->err_code);
+  else resume_error(f, "connection closed during the TLS handshake", "tls");
+  conn_close(c);                  /* not boxed: freed once closed */
+}
+
+static void on_eof(conn_t *c);
+
+/* Decrypts everything buffered and parses it. */
+static void tls_pump(conn_t *c) {
+  char plain[16384];
+  fb_tls_err_t err;
+  for (;;) {
+    size_t n;
+    int rc = fb_tls_read(c->tls, plain, sizeof plain, &n, &err);
+    if (rc == FB_TLS_OK) parse(c, plain, n);
+    else if (rc == FB_TLS_WANT) break;
+    else {
+      if (rc == FB_TLS_ERROR) conn_fail(c, err.code, "%s", err.msg);
+      else on_eof(c);            /* close_notify: as good as EOF */
+      break;
+    }
+  }
+  if (flush_tls(c) != 0) conn_fail(c, "tls", "cannot queue TLS records");
+}
+
+/* The peer ended the stream: a body delimited by EOF completes, anything else is cut short. */
+static void on_eof(conn_t *c) {
+  c->eof = 1;
+  if (!c->active || c->err_code) return;
+  llhttp_finish(&c->parser);      /* completes a body delimited by EOF */
+  if (!c->done) {
+    if (c->received == 0)
+      conn_fail(c, "closed", "connection closed before any response byte");
+    else
+      conn_fail(c, "truncated", "connection closed before the response was complete");
+  }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  conn_t *c = s->data;
+  if (nread > 0) {
+    if (c->tls) {
+      if (fb_tls_feed(c->tls, buf->base, (size_t)nread) != 0) conn_fail(c, "tls", "out of memory");
+      else if (!c->handshaking) tls_pump(c);
+    } else {
+      parse(c, buf->base, (size_t)nread);
+    }
+  } else if (nread == UV_EOF) {
+    if (!c->eof) on_eof(c);
+  } else if (nread < 0) {
+    if (c->active || c->handshaking)
+      conn_fail(c, uv_err_name((int)nread), "%s", uv_strerror((int)nread));
+    else
+      c->eof = 1;                 /* an idle connection reset: just never reuse it */
+  }
+  if (c->handshaking) handshake_step(c);
+  else deliver(c);
+  if (!c->closing) read_update(c);
+}
+
+static void wait_cancel(fb_fiber_t *f, void *data) {
+  conn_t *c = data;
+  (void)f;
+  c->waiter = NULL;
+  c->wait = W_NONE;
+  if (!c->boxed) conn_close(c);   /* a handshake given up: nobody else owns it */
+}
+
+/* ---- connecting --------------------------------------------------------------------------- */
+
+static void op_free(connect_op_t *op) {
+  if (op->live_prev) op->live_prev->live_next = op->live_next;
+  else H.ops = op->live_next;
+  if (op->live_next) op->live_next->live_prev = op->live_prev;
+  fb_tls_free(op->tls);
+  free(op);
+  H.live_ops--;
+}
+
+static void connect_detach(connect_op_t *op) {
+  op->fiber = NULL;
+  if (op->resolving) uv_cancel((uv_req_t *)&op->gai);
+  else if (op->c) conn_close(op->c);
+}
+
+static void connect_cancel(fb_fiber_t *f, void *data) {
+  (void)f;
+  connect_detach(data);
+}
+
+static void on_connect(uv_connect_t *req, int status);
+
+static int connect_next(connect_op_t *op) {
+  while (op->next < op->naddrs) {
+    const struct sockaddr *a = (const struct sockaddr *)&op->addrs[op->next++];
+    conn_t *c = conn_new();
+    int rc;
+    if (!c) return UV_ENOMEM;
+    rc = uv_tcp_connect(&c->creq, &c->tcp, a, on_connect);
+    if (rc == 0) {
+      c->op = op;
+      op->c = c;
+      return 0;
+    }
+    op->last_err = rc;
+    conn_close(c);
+  }
+  return op->last_err ? op->last_err : UV_EAI_NONAME;
+}
+
+static void on_connect(uv_connect_t *req, int status) {
+  conn_t *c = req->handle->data;
+  connect_op_t *op = c->op;
+  fb_fiber_t *f = op->fiber;
+  int rc;
+  c->op = NULL;
+  op->c = NULL;
+  if (!f) {                       /* detached: connect_detach closed c */
+    op_free(op);
+    return;
+  }
+  if (status == 0) {
+    uv_tcp_nodelay(&c->tcp, 1);
+    c->tls = op->tls;
+    op->tls = NULL;
+    op_free(op);
+    read_update(c);
+    if (!c->tls) {
+      box_push(fb_fiber_thread(f), c);
+      fb_fiber_ready(f, 1);
+      return;
+    }
+    c->handshaking = 1;           /* same wait, now on the connection */
+    c->waiter = f;
+    c->wait = W_CONNECT;
+    fb_fiber_on_cancel(f, wait_cancel, c);
+    handshake_step(c);
+    return;
+  }
+  op->last_err = status;
+  conn_close(c);
+  if ((rc = connect_next(op)) != 0) {
+    resume_error(f, uv_strerror(rc), uv_err_name(rc));
+    op_free(op);
+  }
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  connect_op_t *op = req->data;
+  struct addrinfo *ai;
+  int rc;
+  op->resolving = 0;
+  if (!op->fiber) {
+    if (res) uv_freeaddrinfo(res);
+    op_free(op);
+    return;
+  }
+  if (status < 0) {
+    resume_error(op->fiber, uv_strerror(status), uv_err_name(status));
+    op_free(op);
+    return;
+  }
+  for (ai = res; ai && op->naddrs < HC_MAX_ADDRS; ai = ai->ai_next) {
+    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
+    if (ai->ai_addrlen > sizeof op->addrs[0]) continue;
+    memcpy(&op->addrs[op->naddrs++], ai->ai_addr, ai->ai_addrlen);
+  }
+  uv_freeaddrinfo(res);
+  if ((rc = connect_next(op)) != 0) {
+    resume_error(op->fiber, uv_strerror(rc), uv_err_name(rc));
+    op_free(op);
+  }
+}
+
+/* connect(host, port, timeout, tls, verify, ca_file) -> conn | nil, msg, code. One wait
+ * covers resolving, each address in turn and the TLS handshake. */
+static int l_connect(lua_State *L) {
+  size_t hlen;
+  const char *host = luaL_checklstring(L, 1, &hlen);  /* borrowed: argument 1 stays put */
+  lua_Integer port = luaL_checkinteger(L, 2);
+  double timeout = opt_timeout(L, 3);
+  int use_tls = lua_toboolean(L, 4), verify = lua_toboolean(L, 5);
+  const char *ca_file = luaL_optstring(L, 6, NULL);
+  struct sockaddr_in *a4;
+  struct sockaddr_in6 *a6;
+  connect_op_t *op;
+  fb_fiber_t *f;
+  int rc;
+
+  if (hlen == 0 || hlen > 255 || strlen(host) != hlen)
+    return luaL_error(L, "http: host must be a name or an address of 1 to 255 bytes");
+  if (port < 1 || port > 65535) return luaL_error(L, "http: port must be from 1 to 65535");
+  f = fb_fiber_check(L, "http.request");
+  if (!(op = calloc(1, sizeof *op))) return luaL_error(L, "http: out of memory");
+  op->gai.data = op;
+  op->live_next = H.ops;
+  if (H.ops) H.ops->live_prev = op;
+  H.ops = op;
+  H.live_ops++;
+  if (use_tls) {                  /* a bad CA file fails here, before any packet */
+    fb_tls_err_t err;
+    if (!(op->tls = fb_tls_new(host, ca_file, verify, &err))) {
+      op_free(op);
+      return push_error(L, err.msg, err.code);
+    }
+  }
+  a4 = (struct sockaddr_in *)&op->addrs[0];
+  a6 = (struct sockaddr_in6 *)&op->addrs[0];
+  if (uv_ip4_addr(host, (int)port, a4) == 0 || uv_ip6_addr(host, (int)port, a6) == 0) {
+    op->naddrs = 1;
+    rc = connect_next(op);
+  } else {
+    struct addrinfo hints;
+    char service[8];
+    memset(&op->addrs[0], 0, sizeof op->addrs[0]);
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    snprintf(service, sizeof service, "%d", (int)port);
+    op->resolving = 1;
+    rc = uv_getaddrinfo(fb_sched_loop(), &op->gai, on_resolved, host, service, &hints);
+    if (rc < 0) op->resolving = 0;
+  }
+  if (rc < 0) {
+    op_free(op);
+    return push_error(L, uv_strerror(rc), uv_err_name(rc));
+  }
+  op->fiber = f;
+  fb_fiber_on_cancel(f, connect_cancel, op);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+/* ---- connection methods ------------------------------------------------------------------ */
+
+static conn_t *check_open(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, HC_MT);
+  if (!box->c) luaL_error(L, "http: connection is closed");
+  return box->c;
+}
+
+/* request(conn, bytes, head_only, max_header_bytes, max_body, timeout) -> status, headers
+ * | nil, msg, code. Sends the request and waits for the response head. */
+static int l_request(lua_State *L) {
+  conn_t *c = check_open(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);   /* borrowed while on the stack */
+  int head_only = lua_toboolean(L, 3);
+  lua_Number max_head = luaL_checknumber(L, 4), max_body = luaL_checknumber(L, 5);
+  double timeout = opt_timeout(L, 6);
+  fb_fiber_t *f;
+  int rc;
+
+  if (c->active || c->waiter) return luaL_error(L, "http: connection is busy with a request");
+  if (!(max_head >= 64 && max_head <= (1 << 30)) || !(max_body >= 0 && max_body <= 9e15))
+    return luaL_error(L, "http: max_header_bytes or max_body out of range");
+  if (len > 0x7fffffff) return luaL_error(L, "http: cannot send 2 GiB or more at once");
+  f = fb_fiber_check(L, "http.request");
+  if (c->err_code) return push_error(L, c->err, c->err_code);
+  if (c->eof || c->stray) return push_error(L, "connection closed by the server", "closed");
+  llhttp_reset(&c->parser);
+  fb_buf_reset(&c->head);
+  c->head.max = (size_t)max_head;
+  fb_buf_free(&c->body);
+  fb_buf_init(&c->body, HC_READ_AHEAD + 2 * HC_READ_SIZE);
+  c->max_body = (uint64_t)max_body;
+  c->body_total = c->received = 0;
+  c->head_only = (unsigned char)head_only;
+  c->head_ready = c->done = c->keepalive = 0;
+  c->active = 1;
+  if (c->tls) {
+    fb_tls_err_t err;
+    if (fb_tls_write(c->tls, data, len, &err) != FB_TLS_OK) conn_fail(c, err.code, "%s", err.msg);
+    else if ((rc = flush_tls(c)) != 0) conn_fail(c, uv_err_name(rc), "write failed: %s", uv_strerror(rc));
+  } else if ((rc = send_raw(c, data, len, 0)) != 0) {
+    conn_fail(c, uv_err_name(rc), "write failed: %s", uv_strerror(rc));
+  }
+  if (c->err_code) return push_error(L, c->err, c->err_code);
+  read_update(c);
+  c->waiter = f;
+  c->wait = W_HEAD;
+  fb_fiber_on_cancel(f, wait_cancel, c);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+/* read(conn, timeout) -> chunk | false, reusable (the body is complete) | nil, msg, code. */
+static int l_read(lua_State *L) {
+  conn_t *c = check_open(L);
+  double timeout = opt_timeout(L, 2);
+  fb_fiber_t *f;
+  int n;
+  if (c->waiter) return luaL_error(L, "http: another fiber is reading this response");
+  if (!c->head_ready) return luaL_error(L, "http: no response to read");
+  if ((n = body_try(c, L)) > 0) return n;
+  f = fb_fiber_check(L, "http.read");
+  read_update(c);
+  c->waiter = f;
+  c->wait = W_BODY;
+  fb_fiber_on_cancel(f, wait_cancel, c);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+static void on_idle_expired(uv_timer_t *t) { conn_close(t->data); }
+
+/* park(conn, idle_seconds): the connection rests in the pool. It no longer keeps the loop
+ * alive, keeps reading (to notice a close), and closes itself after idle_seconds. */
+static int l_park(lua_State *L) {
+  conn_t *c = check_open(L);
+  double idle = luaL_checknumber(L, 2);
+  if (c->closing) return 0;
+  c->parked = 1;
+  uv_unref((uv_handle_t *)&c->tcp);
+  uv_timer_start(&c->idle, on_idle_expired, (uint64_t)(idle * 1000.0) + 1, 0);
+  uv_unref((uv_handle_t *)&c->idle);
+  fb_buf_free(&c->head);
+  return 0;
+}
+
+/* unpark(conn) -> true when the parked connection can carry another request. */
+static int l_unpark(lua_State *L) {
+  conn_t *c = check_open(L);
+  int ok = !c->closing && !c->eof && !c->stray && !c->err_code;
+  if (ok && c->parked) {
+    c->parked = 0;
+    uv_ref((uv_handle_t *)&c->tcp);
+    uv_timer_stop(&c->idle);
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* close, __gc: idempotent; a waiting fiber resumes with (nil, msg, "closed"). */
+static int l_close(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, HC_MT);
+  conn_t *c = box->c;
+  if (!c) return 0;
+  box->c = NULL;
+  c->boxed = 0;
+  conn_close(c);
+  return 0;
+}
+
+static int l_is_closed(lua_State *L) {
+  box_t *box = luaL_checkudata(L, 1, HC_MT);
+  lua_pushboolean(L, !box->c || box->c->closing);
+  return 1;
+}
+
+/* live() -> connections with open handles, requests in flight (connects and writes). */
+static int l_live(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)H.live_handles);
+  lua_pushnumber(L, (lua_Number)(H.live_ops + H.live_writes));
+  return 2;
+}
+
+/* __gc of a registry sentinel, run by lua_close: connects and handshakes belong to no
+ * userdata, so detach them before their fibers are freed; the loop run after lua_close
+ * delivers their callbacks, which then only free. */
+static int l_sentinel_gc(lua_State *L) {
+  connect_op_t *op;
+  conn_t *c;
+  (void)L;
+  for (op = H.ops; op; op = op->live_next) connect_detach(op);
+  for (c = H.conns; c; c = c->live_next) {
+    c->waiter = NULL;
+    if (!c->boxed) conn_close(c);
+  }
+  fb_tls_cleanup();               /* sessions keep their contexts alive by reference */
+  return 0;
+}
+
+static const luaL_Reg methods[] = {
+  { "request", l_request },
+  { "read", l_read },
+  { "park", l_park },
+  { "unpark", l_unpark },
+  { "close", l_close },
+  { "is_closed", l_is_closed },
+  { NULL, NULL }
+};
+
+static const luaL_Reg funcs[] = {
+  { "connect", l_connect },
+  { "live", l_live },
+  { NULL, NULL }
+};
+
+int luaopen_fibril_core_http_client(lua_State *L) {
+  llhttp_settings_init(&H.settings);
+  H.settings.on_message_begin = on_message_begin;
+  H.settings.on_status = on_status;
+  H.settings.on_header_field = on_header_field;
+  H.settings.on_header_field_complete = on_header_field_complete;
+  H.settings.on_header_value = on_header_value;
+  H.settings.on_header_value_complete = on_header_value_complete;
+  H.settings.on_headers_complete = on_headers_complete;
+  H.settings.on_body = on_body;
+  H.settings.on_message_complete = on_message_complete;
+  lua_newtable(L);                           /* stack: module */
+  luaL_setfuncs(L, funcs, 0);
+  lua_newtable(L);                           /* stack: module methods */
+  luaL_setfuncs(L, methods, 0);
+  if (luaL_newmetatable(L, HC_MT)) {         /* stack: module methods mt */
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_close);
+    lua_setfield(L, -2, "__gc");
+    lua_newuserdata(L, 1);                   /* stack: module methods mt sentinel */
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, l_sentinel_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.http_client.sentinel");
+  }
+  lua_pop(L, 1);
+  lua_setfield(L, -2, "methods");
+  lua_pushnumber(L, HC_READ_AHEAD);
+  lua_setfield(L, -2, "READ_AHEAD");
+  lua_pushnumber(L, HC_MAX_HEADERS);
+  lua_setfield(L, -2, "MAX_HEADERS");
+  return 1;
+}
