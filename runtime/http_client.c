@@ -46,7 +46,7 @@ struct conn_s {
   fb_fiber_t *waiter;             /* the one fiber waiting on this connection */
   wait_t wait;
   const char *err_code;           /* set once: the connection failed and is dead */
-  char err[256];
+  char err[512];
   fb_buf_t head;                  /* header names and values, spans index it */
   span_t spans[HC_MAX_HEADERS];
   int nspans;
@@ -509,7 +509,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   if (c->handshaking) handshake_step(c);
   else deliver(c);
-  if (!c->closing) read_update(c);
+  if (c->closing) return;
+  if (c->parked && (c->eof || c->stray || c->err_code)) conn_close(c);   /* free the fd now */
+  else read_update(c);
 }
 
 static void wait_cancel(fb_fiber_t *f, void *data) {
@@ -765,7 +767,10 @@ static int l_park(lua_State *L) {
   uv_unref((uv_handle_t *)&c->tcp);
   uv_timer_start(&c->idle, on_idle_expired, (uint64_t)(idle * 1000.0) + 1, 0);
   uv_unref((uv_handle_t *)&c->idle);
-  fb_buf_free(&c->head);
+  fb_buf_free(&c->head);          /* an idle connection holds no buffers: 10,000 of them stay cheap */
+  fb_buf_free(&c->body);
+  free(c->rbuf);                  /* on_alloc makes another if the peer sends (EOF counts) */
+  c->rbuf = NULL;
   return 0;
 }
 
@@ -790,6 +795,7 @@ static int l_close(lua_State *L) {
   box->c = NULL;
   c->boxed = 0;
   conn_close(c);
+  if (c->open_handles == 0) conn_free(c);   /* it closed itself earlier (idle expiry, EOF) */
   return 0;
 }
 

@@ -347,7 +347,8 @@ leaf() {  # name cn san days
 leaf good localhost DNS:localhost,IP:127.0.0.1 3
 leaf expired localhost DNS:localhost,IP:127.0.0.1 -1
 leaf other other.example DNS:other.example 3
-openssl req -x509 -newkey rsa:2048 -nodes -keyout self.key -out self.pem -days 3 -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout self.key -out self.pem -days 3 \
+  -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost"
 ]]):format(dir, dir)
     local f = assert(io.open(support.tmpdir() .. "/mkcerts.sh", "w"))
     f:write(script)
@@ -413,7 +414,8 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout self.key -out self.pem -days 3
   end)
 
   it("raises a clear error for a CA file that cannot be read", function()
-    local ok, err = pcall(http.get, "https://localhost:" .. ports.good .. "/", { ca_file = "/nonexistent/ca.pem" })
+    local ok, err = pcall(http.get, "https://localhost:" .. ports.good .. "/",
+                          { ca_file = "/nonexistent/ca.pem" })
     assert.are.equal("ca_file", err.code)
     assert.matches("cannot load CA file '/nonexistent/ca.pem'", err.message)
   end)

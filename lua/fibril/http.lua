@@ -13,8 +13,8 @@ local json = require "fibril.json"
 local url = require "fibril.url"
 
 local has_inflate, inflate = pcall(require, "fibril.core.inflate")
-local type, error, tostring, pairs, setmetatable, rawget, getmetatable, pcall =
-      type, error, tostring, pairs, setmetatable, rawget, getmetatable, pcall
+local type, error, tostring, pairs, setmetatable, rawget, getmetatable =
+      type, error, tostring, pairs, setmetatable, rawget, getmetatable
 local lower, upper, find, sub = string.lower, string.upper, string.find, string.sub
 local concat, min, floor = table.concat, math.min, math.floor
 local m = core.methods
@@ -109,7 +109,8 @@ local function fail(msg, code, where, what)
   end
   if code == "ECONNREFUSED" then msg = "connection refused"
   elseif code == "ECONNRESET" then msg = "connection reset by peer"
-  elseif type(code) == "string" and sub(code, 1, 4) == "EAI_" then msg = "cannot resolve host: " .. tostring(msg)
+  elseif type(code) == "string" and sub(code, 1, 4) == "EAI_" then
+    msg = "cannot resolve host: " .. tostring(msg)
   end
   raise(code or "http", tostring(msg), where)
 end
