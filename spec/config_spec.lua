@@ -44,7 +44,9 @@ local DESIGN_DEFAULTS = {
   pubsub = { adapter = "local", retention = 300 },
   redis = { pool = 10, connect_timeout = 5, timeout = 5 },
   database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30 },
-  http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil },
+  http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil,
+                  max_connections = 256, idle_timeout = 30, max_body = 16777216,
+                  max_header_bytes = 65536, max_redirects = 5 },
   deferred = { backend = "journal", path = "storage/deferred", concurrency = 16,
                retries = 20, fsync = "always" },
 }

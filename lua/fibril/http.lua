@@ -72,7 +72,9 @@ function M.configure(opts)
     if M.DEFAULTS[k] == nil and k ~= "ca_file" then
       error("http.configure: unknown setting '" .. tostring(k) .. "'", 2)
     end
-    if k ~= "ca_file" and (type(v) ~= "number" or not (v > 0)) then
+    if k == "ca_file" then
+      if type(v) ~= "string" then error("http.configure: ca_file must be a path", 2) end
+    elseif type(v) ~= "number" or not (v > 0 or (v == 0 and k == "max_redirects")) then
       error("http.configure: " .. k .. " must be a positive number", 2)
     end
   end
