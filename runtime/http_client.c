@@ -9,6 +9,7 @@
 #include <lauxlib.h>
 #include <llhttp.h>
 #include <netdb.h>
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,7 +53,6 @@ struct conn_s {
   int nspans;
   fb_buf_t body;                  /* received body bytes not yet taken by read() */
   uint64_t body_total, max_body, received;
-  char *rbuf;                     /* HC_READ_SIZE bytes for socket reads */
   conn_t *live_next, *live_prev;
 };
 
@@ -80,6 +80,7 @@ static struct {
   connect_op_t *ops;
   size_t live_handles, live_ops, live_writes;
   llhttp_settings_t settings;
+  char rbuf[HC_READ_SIZE];        /* every socket read lands here and is parsed at once */
 } H;
 
 size_t fb_http_client_live_handles(void) { return H.live_handles; }
@@ -115,7 +116,6 @@ static void conn_free(conn_t *c) {
   if (c->live_next) c->live_next->live_prev = c->live_prev;
   fb_buf_free(&c->head);
   fb_buf_free(&c->body);
-  free(c->rbuf);
   free(c);
   H.live_handles--;
 }
@@ -341,14 +341,12 @@ static void parse(conn_t *c, const char *data, size_t n) {
 
 /* ---- reading ---------------------------------------------------------------------------- */
 
+/* One buffer serves every connection: on_read parses (and copies body bytes out of) what
+ * arrived before it returns, and libuv calls on_alloc/on_read for one socket at a time. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  conn_t *c = h->data;
+  (void)h;
   (void)suggested;
-  if (!c->rbuf && !(c->rbuf = malloc(HC_READ_SIZE))) {
-    *buf = uv_buf_init(NULL, 0);  /* libuv reports UV_ENOBUFS */
-    return;
-  }
-  *buf = uv_buf_init(c->rbuf, HC_READ_SIZE);
+  *buf = uv_buf_init(H.rbuf, HC_READ_SIZE);
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
@@ -367,18 +365,31 @@ static void read_update(conn_t *c) {
   }
 }
 
-/* Pushes headers as a flat list { name1, value1, name2, value2, ... } (names as sent). */
+/* Pushes status and the headers as a table of lowercased names; a repeated header's values
+ * are joined with ", " (Set-Cookie's with "\n": its values may contain commas). */
 static void push_head(lua_State *L, conn_t *c) {
   int i;
-  lua_checkstack(L, 4);
+  lua_checkstack(L, 8);
   lua_pushinteger(L, c->parser.status_code);
-  lua_createtable(L, c->nspans * 2, 0);
+  lua_createtable(L, 0, c->nspans);
   for (i = 0; i < c->nspans; i++) {
     span_t *sp = &c->spans[i];
-    lua_pushlstring(L, c->head.data + sp->name_off, sp->name_len);
-    lua_rawseti(L, -2, 2 * i + 1);
-    lua_pushlstring(L, c->head.data + sp->value_off, sp->value_len);
-    lua_rawseti(L, -2, 2 * i + 2);
+    char *name = c->head.data + sp->name_off;
+    uint32_t k;
+    for (k = 0; k < sp->name_len; k++) name[k] = (char)tolower((unsigned char)name[k]);
+    lua_pushlstring(L, name, sp->name_len);   /* stack: headers name */
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);                        /* stack: headers name previous */
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, c->head.data + sp->value_off, sp->value_len);
+    } else {
+      int cookie = sp->name_len == 10 && memcmp(name, "set-cookie", 10) == 0;
+      lua_pushstring(L, cookie ? "\n" : ", ");
+      lua_pushlstring(L, c->head.data + sp->value_off, sp->value_len);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, -3);
   }
 }
 
@@ -412,6 +423,13 @@ static void deliver(conn_t *c) {
     if (c->head_ready) {
       push_head(co, c);
       n = 2;
+      if (c->done) {              /* the whole response came: one resume for all of it */
+        lua_pushlstring(co, c->body.data ? c->body.data : "", c->body.len);
+        lua_pushboolean(co, c->keepalive && !c->stray && !c->eof && !c->err_code);
+        fb_buf_reset(&c->body);
+        c->head_ready = 0;        /* nothing left to read() */
+        n = 4;
+      }
     } else if (c->err_code) {
       n = push_error(co, c->err, c->err_code);
     }
@@ -695,7 +713,8 @@ static conn_t *check_open(lua_State *L) {
 }
 
 /* request(conn, bytes, head_only, max_header_bytes, max_body, timeout) -> status, headers
- * | nil, msg, code. Sends the request and waits for the response head. */
+ * [, body, reusable] | nil, msg, code. Sends the request and waits for the response
+ * head; when the whole response is in by then, its body comes along (as read() gives it). */
 static int l_request(lua_State *L) {
   conn_t *c = check_open(L);
   size_t len;
@@ -716,8 +735,8 @@ static int l_request(lua_State *L) {
   llhttp_reset(&c->parser);
   fb_buf_reset(&c->head);
   c->head.max = (size_t)max_head;
-  fb_buf_free(&c->body);
-  fb_buf_init(&c->body, HC_READ_AHEAD + 2 * HC_READ_SIZE);
+  fb_buf_reset(&c->body);         /* kept from the last response: no malloc per request */
+  c->body.max = HC_READ_AHEAD + 2 * HC_READ_SIZE;
   c->max_body = (uint64_t)max_body;
   c->body_total = c->received = 0;
   c->head_only = (unsigned char)head_only;
@@ -767,10 +786,8 @@ static int l_park(lua_State *L) {
   uv_unref((uv_handle_t *)&c->tcp);
   uv_timer_start(&c->idle, on_idle_expired, (uint64_t)(idle * 1000.0) + 1, 0);
   uv_unref((uv_handle_t *)&c->idle);
-  fb_buf_free(&c->head);          /* an idle connection holds no buffers: 10,000 of them stay cheap */
-  fb_buf_free(&c->body);
-  free(c->rbuf);                  /* on_alloc makes another if the peer sends (EOF counts) */
-  c->rbuf = NULL;
+  if (c->head.cap > 4096) fb_buf_free(&c->head);   /* idle connections keep small buffers only */
+  if (c->body.cap > 4096) fb_buf_free(&c->body);
   return 0;
 }
 

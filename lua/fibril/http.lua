@@ -37,6 +37,7 @@ M.DEFAULTS = {
 --- True when fibril was built with zlib: requests then ask for gzip and decode it.
 M.gzip = has_inflate
 
+local USER_AGENT = "fibril/" .. require("fibril.core.vm").version
 local IDEMPOTENT = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
 local SENSITIVE = { authorization = true, cookie = true, ["proxy-authorization"] = true }
@@ -117,6 +118,8 @@ local function fail(msg, code, where, what)
   raise(code or "http", tostring(msg), where)
 end
 
+local function timeout_msg(r) return "request timed out after " .. (r.timeout or r._timeout) .. " s" end
+
 -- ---- responses ----------------------------------------------------------------------------
 
 local HEADERS_MT = { __index = function(t, k)
@@ -140,37 +143,51 @@ local function release(self, reusable)
   local conn = self._conn
   if not conn then return end
   self._conn = nil
-  if self._inflater then self._inflater:close() end
   self._pool:checkin(self._key, conn, reusable)
+end
+
+-- The next raw body bytes: a string, or nil at the end (the connection is then released).
+local function next_raw(self)
+  local rest = self._rest
+  if rest then
+    self._rest = nil
+    return rest
+  end
+  local conn = self._conn
+  if not conn then return nil end
+  local left = self._deadline - now()
+  if left <= 0 then release(self, false); raise("timeout", timeout_msg(self), self._where) end
+  local t = min(left, self._read_timeout)
+  local chunk, extra, code = cread(conn, t)
+  if chunk == false then
+    release(self, extra)
+    return nil
+  elseif chunk == nil then
+    release(self, false)
+    fail(extra, code, self._where, t == left and timeout_msg(self)
+         or ("no data for " .. self._read_timeout .. " s while reading the body"))
+  end
+  return chunk
 end
 
 --- Streaming: the next chunk of the body, or nil at its end (the connection then returns
 --- to the pool). Raises on timeout, limits and broken connections.
 ---@return string|nil
 function Response:read()
-  local conn = self._conn
-  if not conn then return nil end
   while true do
-    local left = self._deadline - now()
-    if left <= 0 then release(self, false); raise("timeout", self._timeout_msg, self._where) end
-    local t = min(left, self._read_timeout)
-    local chunk, extra, code = cread(conn, t)
-    if chunk == false then
-      release(self, extra)
-      return nil
-    elseif chunk == nil then
-      release(self, false)
-      fail(extra, code, self._where, t == left and self._timeout_msg
-           or ("no data for " .. self._read_timeout .. " s while reading the body"))
-    end
+    local chunk = next_raw(self)
     local d = self._inflater
-    if d then
+    if chunk == nil then
+      if d then d:close(); self._inflater = nil end
+      return nil
+    end
+    if not d then
+      if chunk ~= "" then return chunk end
+    else
       local out, ended = d:feed(chunk, self._max_body - self._decoded)
       if not out then release(self, false); raise("body_too_large", ended, self._where) end
       self._decoded = self._decoded + #out
       if out ~= "" then return out end
-    else
-      return chunk
     end
   end
 end
@@ -182,6 +199,11 @@ function Response:chunks() return Response.read, self end
 ---@return string
 function Response:read_all()
   if self.body ~= nil then return self.body end
+  if not self._conn and not self._inflater then       -- the whole body came with the head
+    self.body = self._rest or ""
+    self._rest = nil
+    return self.body
+  end
   local parts, n = {}, 0
   for chunk in self:chunks() do n = n + 1; parts[n] = chunk end
   self.body = concat(parts)
@@ -203,54 +225,58 @@ end
 
 -- One exchange on one connection: returns a Response whose body is still to read.
 local function exchange(r, u, method, req_bytes)
-  local key = u.origin .. (r.verify and "" or " noverify") .. (r.ca_file and " ca=" .. r.ca_file or "")
+  local key = u.origin                             -- TLS settings are part of an origin's key
+  if not r.verify or r.ca_file then
+    key = key .. (r.verify and "" or " noverify") .. (r.ca_file and " ca=" .. r.ca_file or "")
+  end
   local where = method .. " " .. u.origin .. sub(u.target, 1, 200)
   local pool = r.pool
   for attempt = 1, 2 do
     local conn, reused = pool:checkout(key, r.deadline, function()
       local left = r.deadline - now()
-      if left <= 0 then raise("timeout", r.timeout_msg, where) end
+      if left <= 0 then raise("timeout", timeout_msg(r), where) end
       local t = min(left, r.connect_timeout)
       local c, msg, code = cconnect(u.host, u.port, t, u.scheme == "https", r.verify, r.ca_file)
       if not c then
-        fail(msg, code, where, t == left and r.timeout_msg
+        fail(msg, code, where, t == left and timeout_msg(r)
              or ("connect timed out after " .. r.connect_timeout .. " s"))
       end
       return c
     end)
     local left = r.deadline - now()
     local t = min(left, r.read_timeout)
-    local status, headers, code = nil, nil, nil
+    local status, headers, body, reusable = nil, nil, nil, nil
     if left > 0 then
-      status, headers, code = crequest(conn, req_bytes, method == "HEAD", r.max_header_bytes,
-                                       r.max_body, t)
+      status, headers, body, reusable = crequest(conn, req_bytes, method == "HEAD",
+                                                 r.max_header_bytes, r.max_body, t)
     end
     if status then
-      local h = setmetatable({}, HEADERS_MT)
-      for i = 1, #headers, 2 do
-        local k, v = lower(headers[i]), headers[i + 1]
-        local prev = rawget(h, k)
-        h[k] = prev and (prev .. (k == "set-cookie" and "\n" or ", ") .. v) or v
-      end
-      local res = setmetatable({ status = status, headers = h, header_list = headers,
+      local res = setmetatable({ status = status, headers = setmetatable(headers, HEADERS_MT),
         url = u.scheme .. "://" .. u.hostport .. u.target, ok = status >= 200 and status < 300,
-        _conn = conn, _pool = pool, _key = key, _where = where, _deadline = r.deadline,
-        _read_timeout = r.read_timeout, _timeout_msg = r.timeout_msg, _max_body = r.max_body,
+        _pool = pool, _key = key, _where = where, _deadline = r.deadline,
+        _read_timeout = r.read_timeout, _timeout = r.timeout, _max_body = r.max_body,
         _decoded = 0 }, Response)
-      local enc = h["content-encoding"]
+      if body then                                 -- complete already: the connection is free
+        res._rest = body
+        pool:checkin(key, conn, reusable)
+      else
+        res._conn = conn
+      end
+      local enc = rawget(headers, "content-encoding")
       if enc and r.decompress and has_inflate and method ~= "HEAD" then
         enc = lower(enc)
         if enc == "gzip" or enc == "x-gzip" or enc == "deflate" then res._inflater = inflate.new() end
       end
       return res
     end
+    local code = body
     pool:checkin(key, conn, false)                   -- closed: never reused after a failure
     -- A parked connection the server closed meanwhile: once more on a fresh one, when the
     -- server provably got nothing it could act on twice.
     local stale = reused and (code == "closed" or code == "ECONNRESET" or code == "EPIPE")
     if not (stale and IDEMPOTENT[method] and attempt == 1) then
-      if left <= 0 then raise("timeout", r.timeout_msg, where) end
-      fail(headers, code, where, t == left and r.timeout_msg
+      if left <= 0 then raise("timeout", timeout_msg(r), where) end
+      fail(headers, code, where, t == left and timeout_msg(r)
            or ("no response for " .. r.read_timeout .. " s"))
     end
   end
@@ -299,14 +325,14 @@ function M.request(opts)
     read_timeout = opt_number(opts.read_timeout, "read_timeout", timeout),
     max_body = opt_number(opts.max_body, "max_body", s.max_body),
     max_header_bytes = opt_number(opts.max_header_bytes, "max_header_bytes", s.max_header_bytes),
-    deadline = now() + timeout, timeout_msg = "request timed out after " .. timeout .. " s",
+    deadline = now() + timeout, timeout = timeout,
     decompress = opts.decompress ~= false,
   }
   if r.ca_file ~= nil and type(r.ca_file) ~= "string" then error("http: ca_file must be a path", 2) end
-  local extra = { ["User-Agent"] = "fibril/" .. require("fibril.core.vm").version }
+  local extra = { ["User-Agent"] = USER_AGENT }
   if has_inflate and r.decompress then extra["Accept-Encoding"] = "gzip" end
   if ctype then extra["Content-Type"] = ctype end
-  u.target = message.add_query(u.target, opts.query)
+  u = message.add_query(u, opts.query)
   local hops = 0
   while true do
     local res = exchange(r, u, method, message.build(method, u, headers, body, extra))

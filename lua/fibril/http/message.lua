@@ -11,11 +11,19 @@ local concat, sort = table.concat, table.sort
 local M = {}
 
 local DEFAULT_PORT = { http = 80, https = 443 }
+local NONE = {}
+
+-- Parsed URLs by string: services call the same few URLs again and again. Bounded: emptied
+-- when full. Entries are shared, so callers never modify what parse_url returns.
+local cache, cached, CACHE_MAX = {}, 0, 512
 
 --- Splits an absolute http(s) URL. Raises (at the caller's caller) when it is not one.
+--- The table returned is shared: read it, never modify it.
 ---@param s string
----@return table { scheme, host, port, target (path and query), origin }
+---@return table { scheme, host, port, target (path and query), hostport, origin }
 function M.parse_url(s, level)
+  local hit = cache[s]
+  if hit then return hit end
   level = (level or 1) + 1
   if type(s) ~= "string" then error("http: url must be a string, got " .. type(s), level) end
   local scheme, rest = match(s, "^(%a[%w+.-]*)://(.*)$")
@@ -44,8 +52,11 @@ function M.parse_url(s, level)
   host = lower(host)
   local hostport = v6 and "[" .. host .. "]" or host
   if port ~= DEFAULT_PORT[scheme] then hostport = hostport .. ":" .. port end
-  return { scheme = scheme, host = host, port = port, target = target, hostport = hostport,
-           origin = scheme .. "://" .. hostport }
+  local u = { scheme = scheme, host = host, port = port, target = target, hostport = hostport,
+              origin = scheme .. "://" .. hostport }
+  if cached >= CACHE_MAX then cache, cached = {}, 0 end
+  cache[s], cached = u, cached + 1
+  return u
 end
 
 --- Resolves a Location header against the URL it came from (RFC 3986, the common cases).
@@ -70,13 +81,16 @@ local function check_value(name, v)
   return v
 end
 
---- Appends a query table to a target ("/p" + { a = 1 } -> "/p?a=1").
-function M.add_query(target, query)
-  if query == nil then return target end
+--- u with a query table appended to its target ("/p" + { a = 1 } -> "/p?a=1"), as a copy.
+function M.add_query(u, query)
+  if query == nil then return u end
   if type(query) ~= "table" then error("http: query must be a table", 3) end
   local q = url.build_query(query)
-  if q == "" then return target end
-  return target .. (find(target, "?", 1, true) and "&" or "?") .. q
+  if q == "" then return u end
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  c.target = u.target .. (find(u.target, "?", 1, true) and "&" or "?") .. q
+  return c
 end
 
 --- The request head (and body) as one string.
@@ -88,7 +102,7 @@ end
 ---@return string
 function M.build(method, u, headers, body, extra)
   local out, n = { method, " ", u.target, " HTTP/1.1\r\n" }, 4
-  local seen, host = {}, nil
+  local seen, host = headers and {} or NONE, nil
   if headers ~= nil then
     if type(headers) ~= "table" then error("http: headers must be a table", 3) end
     local names = {}
