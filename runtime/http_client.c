@@ -117,12 +117,13 @@ static void conn_free(conn_t *c) {
   fb_buf_free(&c->head);
   fb_buf_free(&c->body);
   free(c);
-  H.live_handles--;
 }
 
 static void on_handle_closed(uv_handle_t *h) {
   conn_t *c = h->data;
-  if (--c->open_handles == 0 && !c->boxed) conn_free(c);
+  if (--c->open_handles > 0) return;
+  H.live_handles--;               /* the socket is gone; the struct waits for its box */
+  if (!c->boxed) conn_free(c);
 }
 
 static conn_t *conn_new(void) {

@@ -6,7 +6,7 @@
 #include <lua.h>
 #include <stddef.h>
 
-/* Connections from uv_tcp_init until freed, and requests in flight (connects, writes not
+/* Connections from uv_tcp_init until their handles are closed, and requests in flight (connects, writes not
  * yet called back): both return to 0 when nothing leaks. */
 size_t fb_http_client_live_handles(void);
 size_t fb_http_client_live_requests(void);

@@ -297,6 +297,85 @@ describe("fibril.http", function()
     assert.are.equal("hello", http.get(base .. "/hello").body)
   end)
 
+  it("raises a clear error when the server resets the connection", function()
+    local py = support.write("reset_peer.py", [[
+import socket, struct, signal
+signal.alarm(20)
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(4)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.recv(65536)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()
+]])
+    local p = assert(io.popen("python3 '" .. py .. "'"))
+    local rport = tonumber(p:read("*l"))
+    local ok, err = pcall(http.get, "http://127.0.0.1:" .. rport .. "/")
+    p:close()
+    assert.are.equal("ECONNRESET", err.code)
+    assert.matches("http: connection reset by peer %(GET http://127.0.0.1:%d+/%)", err.message)
+  end)
+
+  it("raises when connecting takes longer than connect_timeout", function()
+    -- A listener that never accepts, with its backlog full: further SYNs go unanswered.
+    local py = support.write("backlog_peer.py", [[
+import socket, time, signal, os, sys
+signal.alarm(20)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # a quiet exit when the spec is done
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(0)
+print(s.getsockname()[1], os.getpid(), flush=True)
+fill = []
+for _ in range(3):
+    c = socket.socket(); c.setblocking(False)
+    try: c.connect(s.getsockname())
+    except BlockingIOError: pass
+    fill.append(c)
+print("full", flush=True)
+time.sleep(5)
+]])
+    local p = assert(io.popen("python3 '" .. py .. "'"))
+    local bport, pid = p:read("*l"):match("^(%d+) (%d+)$")
+    p:read("*l")
+    local t0 = fibril.now()
+    local ok, err = pcall(http.get, "http://127.0.0.1:" .. bport .. "/", { connect_timeout = 0.2 })
+    assert.are.equal("timeout", err.code)
+    assert.matches("connect timed out after 0.2 s", err.message)
+    assert.is_true(fibril.now() - t0 < 1)
+    os.execute("kill " .. pid .. " 2>/dev/null")
+    p:close()
+  end)
+
+  it("closes a pooled connection left idle for idle_timeout", function()
+    http.configure({ idle_timeout = 0.1 })
+    http.get(base .. "/hello")
+    assert.are.equal(1, http.pool_stats().idle)
+    local handles = http.live()
+    fibril.sleep(0.3)
+    assert.are.equal(handles - 1, (http.live()))
+    http.get(base .. "/hello")
+    assert.are.equal(2, http.pool_stats().opened)
+  end)
+
+  it("streams a gzip body decoded chunk by chunk", function()
+    if not http.gzip then return pending("fibril built without zlib") end
+    local res = http.get(base .. "/gzip", { stream = true })
+    local parts = {}
+    for chunk in res:chunks() do parts[#parts + 1] = chunk end
+    assert.are.equal(string.rep("hello gzip ", 1000), table.concat(parts))
+  end)
+
+  it("lets a script exit while connections rest in the pool", function()
+    local status, out = support.run_script([[
+local http = require "fibril.http"
+local srv = assert(require("fibril.core.http").listen({ host = "127.0.0.1", port = 0,
+  access_log = false, handler = function(_, res) res:send(200, nil, "hi") end }))
+print(http.get("http://127.0.0.1:" .. srv:port() .. "/").body)
+srv:close()
+]])
+    assert.are.equal(0, status)
+    assert.are.equal("hi\n", out)
+  end)
+
   it("notices a parked connection the server closed, and uses a fresh one", function()
     local quick, qport = support.http_server(upstream, { keepalive_timeout = 0.1 })
     assert.are.equal("hello", http.get("http://127.0.0.1:" .. qport .. "/hello").body)
