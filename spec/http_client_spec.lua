@@ -204,6 +204,16 @@ describe("fibril.http", function()
     assert.are.equal(2, http.pool_stats().opened)
   end)
 
+  it("gives the slot of a stream dropped unread back once it is collected", function()
+    http.configure({ per_origin = 1 })
+    local res = http.get(base .. "/large_chunked?k=64", { stream = true })
+    assert.is_truthy(res:read())
+    res = nil                                                 -- luacheck: ignore 311
+    collectgarbage()
+    collectgarbage()
+    assert.are.equal("hello", http.get(base .. "/hello", { timeout = 2 }).body)
+  end)
+
   it("follows redirects up to a limit, and can be told not to", function()
     local res = http.get(base .. "/redirect?n=3")
     assert.are.equal("landed", res.body)

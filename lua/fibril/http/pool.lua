@@ -5,8 +5,8 @@
 local cond = require "fibril.cond"
 local fcore = require "fibril.core.fiber"
 
-local error, pcall, setmetatable, pairs, type, max = error, pcall, setmetatable, pairs, type,
-      math.max
+local error, pcall, setmetatable, pairs, type, max, min = error, pcall, setmetatable, pairs,
+      type, math.max, math.min
 local now, new_error = fcore.now, fcore.error
 
 local Pool = {}
@@ -21,8 +21,11 @@ function M.new(opts)
     per_origin = opts.per_origin or 16,
     max_connections = opts.max_connections or 256,
     idle_timeout = opts.idle_timeout or 30,
-    origins = {},              -- key -> { idle = { conn... }, open = n }
+    origins = {},              -- key -> { idle = { conn... }, open = n, connecting = n }
     open = 0,                  -- connections counted against max_connections
+    -- conn -> its origin while checked out. Weak: a streamed response dropped unread takes
+    -- its connection with it (its __gc closes the socket), and recount() notices.
+    busy = setmetatable({}, { __mode = "k" }),
     freed = cond.new(),        -- broadcast whenever a slot or an idle connection frees up
     opened = 0, reused = 0,    -- counters for tests and monitoring
   }, Pool)
@@ -31,7 +34,7 @@ end
 local function origin(self, key)
   local o = self.origins[key]
   if not o then
-    o = { idle = {}, open = 0 }
+    o = { idle = {}, open = 0, connecting = 0 }
     self.origins[key] = o
   end
   return o
@@ -54,6 +57,17 @@ local function sweep(self)
       if c:is_closed() then drop(self, o, c) else j = j + 1; idle[j] = c end
     end
   end
+end
+
+-- Recomputes the counts from what is really there: idle lists, connects in flight and the
+-- checked-out connections still reachable. Run at a bound, before waiting.
+local function recount(self)
+  sweep(self)
+  local total = 0
+  for _, o in pairs(self.origins) do o.open = #o.idle + o.connecting end
+  for _, o in pairs(self.busy) do o.open = o.open + 1 end
+  for _, o in pairs(self.origins) do total = total + o.open end
+  self.open = total
 end
 
 -- Closes the least recently parked idle connection of another origin, to make room.
@@ -80,23 +94,25 @@ function Pool:checkout(key, deadline, connect)
       idle[#idle] = nil
       if c:unpark() then
         self.reused = self.reused + 1
+        self.busy[c] = o
         return c, true
       end
       drop(self, o, c)
     end
-    if o.open < self.per_origin and self.open >= self.max_connections then
-      sweep(self)
-      if self.open >= self.max_connections then evict(self, o) end
-    end
+    if o.open >= self.per_origin or self.open >= self.max_connections then recount(self) end
+    if o.open < self.per_origin and self.open >= self.max_connections then evict(self, o) end
     if o.open < self.per_origin and self.open < self.max_connections then
       o.open, self.open = o.open + 1, self.open + 1          -- the slot is ours while connecting
+      o.connecting = o.connecting + 1
       local ok, conn = pcall(connect)
+      o.connecting = o.connecting - 1
       if not ok then
         o.open, self.open = o.open - 1, self.open - 1
         self.freed:broadcast()
         error(conn, 0)
       end
       self.opened = self.opened + 1
+      self.busy[conn] = o
       return conn, false
     end
     local left = deadline - now()
@@ -104,7 +120,9 @@ function Pool:checkout(key, deadline, connect)
       error(new_error("timeout", "no connection free in the pool (per_origin "
                       .. self.per_origin .. ", max_connections " .. self.max_connections .. ")"), 0)
     end
-    local ok, err = pcall(self.freed.wait, self.freed, max(left, 0.001))
+    -- At most half a second: a connection dropped with its unread stream frees its slot
+    -- through the garbage collector, which broadcasts nothing.
+    local ok, err = pcall(self.freed.wait, self.freed, min(max(left, 0.001), 0.5))
     if not ok and not (type(err) == "table" and err.code == "timeout") then error(err, 0) end
   end
 end
@@ -112,6 +130,7 @@ end
 --- Gives a connection back: parked for reuse when reusable, else closed.
 function Pool:checkin(key, conn, reusable)
   local o = origin(self, key)
+  self.busy[conn] = nil
   if reusable and not conn:is_closed() then
     conn:park(self.idle_timeout)
     o.idle[#o.idle + 1] = conn
