@@ -1,5 +1,5 @@
 /* http_client.c: one HTTP/1.1 client connection for fibers: TCP through libuv (names resolved
- * with uv_getaddrinfo), optional TLS (tls.c), llhttp in response mode, a bounded head and a
+ * with uv_getaddrinfo), optional TLS (tls.c), responses parsed by http_client_parse.c, a
  * bounded read-ahead of body bytes. The pool, redirects and the public API are Lua's
  * (lua/fibril/http.lua). Every byte from the peer is hostile: heads, header counts and
  * bodies have limits, and a connection that broke a rule is never reused.
@@ -7,54 +7,21 @@
 #include "http_client.h"
 
 #include <lauxlib.h>
-#include <llhttp.h>
 #include <netdb.h>
-#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
-#include "buf.h"
 #include "fiber.h"
+#include "http_client_conn.h"
 #include "tls.h"
 
 #define HC_MT "fibril.http_client"
-#define HC_MAX_HEADERS 100           /* header lines per response */
-#define HC_READ_AHEAD (256u << 10)   /* body bytes buffered with nobody reading: reading stops */
-#define HC_READ_SIZE 65536u          /* one socket read (and so at most this much plaintext) */
 #define HC_MAX_ADDRS 8
 
-typedef enum { W_NONE, W_CONNECT, W_HEAD, W_BODY } wait_t;
-
 typedef struct connect_op_s connect_op_t;
-typedef struct conn_s conn_t;
-
-typedef struct { uint32_t name_off, name_len, value_off, value_len; } span_t;
-
-struct conn_s {
-  uv_tcp_t tcp;
-  uv_timer_t idle;                /* parked in the pool: closes the connection on expiry */
-  uv_connect_t creq;
-  int open_handles;               /* freed when 0 and !boxed */
-  unsigned char boxed, closing, reading, parked, handshaking;
-  unsigned char active;           /* a request was sent and its response is not complete */
-  unsigned char head_ready, done, keepalive, eof, stray, head_only, in_field;
-  connect_op_t *op;               /* while this is a connect attempt */
-  fb_tls_t *tls;                  /* owned; NULL for plain HTTP */
-  llhttp_t parser;
-  fb_fiber_t *waiter;             /* the one fiber waiting on this connection */
-  wait_t wait;
-  const char *err_code;           /* set once: the connection failed and is dead */
-  char err[512];
-  fb_buf_t head;                  /* header names and values, spans index it */
-  span_t spans[HC_MAX_HEADERS];
-  int nspans;
-  fb_buf_t body;                  /* received body bytes not yet taken by read() */
-  uint64_t body_total, max_body, received;
-  conn_t *live_next, *live_prev;
-};
 
 typedef struct { conn_t *c; } box_t;   /* the userdata; c is NULL once closed */
 
@@ -79,7 +46,6 @@ static struct {
   conn_t *conns;
   connect_op_t *ops;
   size_t live_handles, live_ops, live_writes;
-  llhttp_settings_t settings;
   char rbuf[HC_READ_SIZE];        /* every socket read lands here and is parsed at once */
 } H;
 
@@ -136,8 +102,7 @@ static conn_t *conn_new(void) {
   uv_timer_init(fb_sched_loop(), &c->idle);
   c->tcp.data = c->idle.data = c;
   c->open_handles = 2;
-  llhttp_init(&c->parser, HTTP_RESPONSE, &H.settings);
-  c->parser.data = c;
+  fb_hc_parser_init(c);
   c->live_next = H.conns;
   if (H.conns) H.conns->live_prev = c;
   H.conns = c;
@@ -160,9 +125,7 @@ static void conn_close(conn_t *c) {
 }
 
 /* Marks the connection failed (the first failure wins); it is never reused after this. */
-static void conn_fail(conn_t *c, const char *code, const char *fmt, ...)
-  __attribute__((format(printf, 3, 4)));
-static void conn_fail(conn_t *c, const char *code, const char *fmt, ...) {
+void fb_hc_fail(conn_t *c, const char *code, const char *fmt, ...) {
   va_list ap;
   if (c->err_code) return;
   c->err_code = code;
@@ -179,7 +142,7 @@ static void on_write(uv_write_t *req, int status) {
   H.live_writes--;
   free(w);                        /* the copy dies here, whatever the status */
   if (status < 0 && status != UV_ECANCELED)
-    conn_fail(c, uv_err_name(status), "write failed: %s", uv_strerror(status));
+    fb_hc_fail(c, uv_err_name(status), "write failed: %s", uv_strerror(status));
 }
 
 /* Sends n bytes: what the kernel takes at once, the rest copied and queued. 0 or a uv error. */
@@ -228,118 +191,6 @@ static int flush_tls(conn_t *c) {
   return 0;
 }
 
-/* ---- the response parser (llhttp callbacks) ------------------------------------------ */
-
-static int on_message_begin(llhttp_t *p) {
-  conn_t *c = p->data;
-  fb_buf_reset(&c->head);
-  c->nspans = 0;
-  c->in_field = 0;
-  return 0;
-}
-
-static int head_append(conn_t *c, const char *at, size_t len) {
-  if (fb_buf_append(&c->head, at, len) == 0) return 0;
-  conn_fail(c, "header_too_large", "response head larger than %u bytes", (unsigned)c->head.max);
-  return -1;
-}
-
-static int on_status(llhttp_t *p, const char *at, size_t len) {
-  return head_append(p->data, at, len);   /* not kept, but counted against the limit */
-}
-
-static int on_header_field(llhttp_t *p, const char *at, size_t len) {
-  conn_t *c = p->data;
-  if (!c->in_field) {
-    if (c->nspans == HC_MAX_HEADERS) {
-      conn_fail(c, "header_too_large", "more than %d header lines", HC_MAX_HEADERS);
-      return -1;
-    }
-    c->spans[c->nspans].name_off = (uint32_t)c->head.len;
-    c->spans[c->nspans].name_len = 0;
-    c->in_field = 1;
-  }
-  c->spans[c->nspans].name_len += (uint32_t)len;
-  return head_append(c, at, len);
-}
-
-static int on_header_field_complete(llhttp_t *p) {
-  conn_t *c = p->data;
-  c->spans[c->nspans].value_off = (uint32_t)c->head.len;
-  c->spans[c->nspans].value_len = 0;
-  return 0;
-}
-
-static int on_header_value(llhttp_t *p, const char *at, size_t len) {
-  conn_t *c = p->data;
-  c->spans[c->nspans].value_len += (uint32_t)len;
-  return head_append(c, at, len);
-}
-
-static int on_header_value_complete(llhttp_t *p) {
-  conn_t *c = p->data;
-  c->nspans++;
-  c->in_field = 0;
-  return 0;
-}
-
-static int on_headers_complete(llhttp_t *p) {
-  conn_t *c = p->data;
-  if (p->status_code == 101) {
-    conn_fail(c, "protocol", "the server switched protocols (101), which fibril.http does not support");
-    return -1;
-  }
-  if (p->status_code < 200) return 0;          /* 100 Continue and friends: skipped */
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->max_body) {
-    conn_fail(c, "body_too_large", "response body of %llu bytes is over max_body (%llu)",
-              (unsigned long long)p->content_length, (unsigned long long)c->max_body);
-    return -1;
-  }
-  c->head_ready = 1;
-  return c->head_only ? 1 : 0;                 /* a response to HEAD has no body */
-}
-
-static int on_body(llhttp_t *p, const char *at, size_t len) {
-  conn_t *c = p->data;
-  c->body_total += len;
-  if (c->body_total > c->max_body) {
-    conn_fail(c, "body_too_large", "response body is over max_body (%llu bytes)",
-              (unsigned long long)c->max_body);
-    return -1;
-  }
-  if (fb_buf_append(&c->body, at, len) != 0) {  /* the read-ahead bound: cannot happen */
-    conn_fail(c, "protocol", "body buffer overflow");
-    return -1;
-  }
-  return 0;
-}
-
-static int on_message_complete(llhttp_t *p) {
-  conn_t *c = p->data;
-  if (p->status_code < 200) return 0;          /* the final response follows */
-  c->done = 1;
-  c->active = 0;
-  c->keepalive = (unsigned char)llhttp_should_keep_alive(p);
-  return HPE_PAUSED;                           /* stop: anything after it is stray */
-}
-
-/* Feeds plaintext to the parser, or, outside a request, notes bytes nobody asked for. */
-static void parse(conn_t *c, const char *data, size_t n) {
-  llhttp_errno_t rc;
-  if (n == 0 || c->err_code) return;
-  if (!c->active) {
-    c->stray = 1;                 /* a server talking out of turn: never reuse this one */
-    return;
-  }
-  c->received += n;
-  rc = llhttp_execute(&c->parser, data, n);
-  if (rc == HPE_PAUSED) {
-    if (llhttp_get_error_pos(&c->parser) != data + n) c->stray = 1;
-  } else if (rc != HPE_OK && !c->err_code) {
-    conn_fail(c, "protocol", "invalid response: %s", llhttp_get_error_reason(&c->parser));
-  }
-}
-
 /* ---- reading ---------------------------------------------------------------------------- */
 
 /* One buffer serves every connection: on_read parses (and copies body bytes out of) what
@@ -358,39 +209,11 @@ static void read_update(conn_t *c) {
   int want = !c->closing && !c->eof && !c->err_code && !c->stray && c->body.len < HC_READ_AHEAD;
   if (want && !c->reading) {
     int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
-    if (rc < 0) conn_fail(c, uv_err_name(rc), "read failed: %s", uv_strerror(rc));
+    if (rc < 0) fb_hc_fail(c, uv_err_name(rc), "read failed: %s", uv_strerror(rc));
     else c->reading = 1;
   } else if (!want && c->reading) {
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = 0;
-  }
-}
-
-/* Pushes status and the headers as a table of lowercased names; a repeated header's values
- * are joined with ", " (Set-Cookie's with "\n": its values may contain commas). */
-static void push_head(lua_State *L, conn_t *c) {
-  int i;
-  lua_checkstack(L, 8);
-  lua_pushinteger(L, c->parser.status_code);
-  lua_createtable(L, 0, c->nspans);
-  for (i = 0; i < c->nspans; i++) {
-    span_t *sp = &c->spans[i];
-    char *name = c->head.data + sp->name_off;
-    uint32_t k;
-    for (k = 0; k < sp->name_len; k++) name[k] = (char)tolower((unsigned char)name[k]);
-    lua_pushlstring(L, name, sp->name_len);   /* stack: headers name */
-    lua_pushvalue(L, -1);
-    lua_rawget(L, -3);                        /* stack: headers name previous */
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
-      lua_pushlstring(L, c->head.data + sp->value_off, sp->value_len);
-    } else {
-      int cookie = sp->name_len == 10 && memcmp(name, "set-cookie", 10) == 0;
-      lua_pushstring(L, cookie ? "\n" : ", ");
-      lua_pushlstring(L, c->head.data + sp->value_off, sp->value_len);
-      lua_concat(L, 3);
-    }
-    lua_rawset(L, -3);
   }
 }
 
@@ -422,7 +245,7 @@ static void deliver(conn_t *c) {
   co = fb_fiber_thread(f);
   if (c->wait == W_HEAD) {
     if (c->head_ready) {
-      push_head(co, c);
+      fb_hc_push_head(co, c);
       n = 2;
       if (c->done) {              /* the whole response came: one resume for all of it */
         lua_pushlstring(co, c->body.data ? c->body.data : "", c->body.len);
@@ -485,27 +308,26 @@ static void tls_pump(conn_t *c) {
   for (;;) {
     size_t n;
     int rc = fb_tls_read(c->tls, plain, sizeof plain, &n, &err);
-    if (rc == FB_TLS_OK) parse(c, plain, n);
+    if (rc == FB_TLS_OK) fb_hc_parse(c, plain, n);
     else if (rc == FB_TLS_WANT) break;
     else {
-      if (rc == FB_TLS_ERROR) conn_fail(c, err.code, "%s", err.msg);
+      if (rc == FB_TLS_ERROR) fb_hc_fail(c, err.code, "%s", err.msg);
       else on_eof(c);            /* close_notify: as good as EOF */
       break;
     }
   }
-  if (flush_tls(c) != 0) conn_fail(c, "tls", "cannot queue TLS records");
+  if (flush_tls(c) != 0) fb_hc_fail(c, "tls", "cannot queue TLS records");
 }
 
 /* The peer ended the stream: a body delimited by EOF completes, anything else is cut short. */
 static void on_eof(conn_t *c) {
   c->eof = 1;
   if (!c->active || c->err_code) return;
-  llhttp_finish(&c->parser);      /* completes a body delimited by EOF */
-  if (!c->done) {
+  if (!fb_hc_finish(c)) {
     if (c->received == 0)
-      conn_fail(c, "closed", "connection closed before any response byte");
+      fb_hc_fail(c, "closed", "connection closed before any response byte");
     else
-      conn_fail(c, "truncated", "connection closed before the response was complete");
+      fb_hc_fail(c, "truncated", "connection closed before the response was complete");
   }
 }
 
@@ -513,16 +335,16 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   conn_t *c = s->data;
   if (nread > 0) {
     if (c->tls) {
-      if (fb_tls_feed(c->tls, buf->base, (size_t)nread) != 0) conn_fail(c, "tls", "out of memory");
+      if (fb_tls_feed(c->tls, buf->base, (size_t)nread) != 0) fb_hc_fail(c, "tls", "out of memory");
       else if (!c->handshaking) tls_pump(c);
     } else {
-      parse(c, buf->base, (size_t)nread);
+      fb_hc_parse(c, buf->base, (size_t)nread);
     }
   } else if (nread == UV_EOF) {
     if (!c->eof) on_eof(c);
   } else if (nread < 0) {
     if (c->active || c->handshaking)
-      conn_fail(c, uv_err_name((int)nread), "%s", uv_strerror((int)nread));
+      fb_hc_fail(c, uv_err_name((int)nread), "%s", uv_strerror((int)nread));
     else
       c->eof = 1;                 /* an idle connection reset: just never reuse it */
   }
@@ -732,7 +554,8 @@ static int l_request(lua_State *L) {
   if (len > 0x7fffffff) return luaL_error(L, "http: cannot send 2 GiB or more at once");
   f = fb_fiber_check(L, "http.request");
   if (c->err_code) return push_error(L, c->err, c->err_code);
-  if (c->eof || c->stray) return push_error(L, "connection closed by the server", "closed");
+  if (c->eof || c->stray || c->closing)
+    return push_error(L, "connection closed by the server", "closed");
   llhttp_reset(&c->parser);
   fb_buf_reset(&c->head);
   c->head.max = (size_t)max_head;
@@ -745,10 +568,10 @@ static int l_request(lua_State *L) {
   c->active = 1;
   if (c->tls) {
     fb_tls_err_t err;
-    if (fb_tls_write(c->tls, data, len, &err) != FB_TLS_OK) conn_fail(c, err.code, "%s", err.msg);
-    else if ((rc = flush_tls(c)) != 0) conn_fail(c, uv_err_name(rc), "write failed: %s", uv_strerror(rc));
+    if (fb_tls_write(c->tls, data, len, &err) != FB_TLS_OK) fb_hc_fail(c, err.code, "%s", err.msg);
+    else if ((rc = flush_tls(c)) != 0) fb_hc_fail(c, uv_err_name(rc), "write failed: %s", uv_strerror(rc));
   } else if ((rc = send_raw(c, data, len, 0)) != 0) {
-    conn_fail(c, uv_err_name(rc), "write failed: %s", uv_strerror(rc));
+    fb_hc_fail(c, uv_err_name(rc), "write failed: %s", uv_strerror(rc));
   }
   if (c->err_code) return push_error(L, c->err, c->err_code);
   read_update(c);
@@ -767,6 +590,7 @@ static int l_read(lua_State *L) {
   if (c->waiter) return luaL_error(L, "http: another fiber is reading this response");
   if (!c->head_ready) return luaL_error(L, "http: no response to read");
   if ((n = body_try(c, L)) > 0) return n;
+  if (c->closing) return push_error(L, "connection is closed", "closed");
   f = fb_fiber_check(L, "http.read");
   read_update(c);
   c->waiter = f;
@@ -863,16 +687,6 @@ static const luaL_Reg funcs[] = {
 };
 
 int luaopen_fibril_core_http_client(lua_State *L) {
-  llhttp_settings_init(&H.settings);
-  H.settings.on_message_begin = on_message_begin;
-  H.settings.on_status = on_status;
-  H.settings.on_header_field = on_header_field;
-  H.settings.on_header_field_complete = on_header_field_complete;
-  H.settings.on_header_value = on_header_value;
-  H.settings.on_header_value_complete = on_header_value_complete;
-  H.settings.on_headers_complete = on_headers_complete;
-  H.settings.on_body = on_body;
-  H.settings.on_message_complete = on_message_complete;
   lua_newtable(L);                           /* stack: module */
   luaL_setfuncs(L, funcs, 0);
   lua_newtable(L);                           /* stack: module methods */
