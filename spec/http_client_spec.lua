@@ -410,8 +410,11 @@ describe("fibril.http over TLS", function()
         .. "-www -quiet >/dev/null 2>&1 & echo $!"):format(p, dir, name, dir, name)))
       servers[#servers + 1] = pid
       for _ = 1, 100 do
-        local ok = pcall(support.connect, p)
-        if ok then return p end
+        local ok, sock = pcall(support.connect, p)
+        if ok then
+          sock:close()
+          return p
+        end
         if sh("kill -0 " .. pid .. " 2>/dev/null && echo up") == "" then break end
         fibril.sleep(0.02)
       end
