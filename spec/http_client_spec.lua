@@ -52,6 +52,8 @@ local function upstream(req, res)
     local n = tonumber(q.n)
     if n > 0 then res:send(302, { Location = "/redirect?n=" .. (n - 1) }, "")
     else res:send(200, nil, "landed") end
+  elseif p == "/bad_redirect" then
+    res:send(302, { Location = "gopher://x/" }, "")
   elseif p == "/see_other" then
     res:send(303, { Location = "/echo" }, "")
   elseif p == "/status" then
@@ -225,6 +227,9 @@ describe("fibril.http", function()
     local ok, err = pcall(http.get, base .. "/redirect?n=9")
     assert.are.equal("too_many_redirects", err.code)
     assert.matches("more than 5 redirects", err.message)
+    ok, err = pcall(http.get, base .. "/bad_redirect")
+    assert.are.equal("protocol", err.code)
+    assert.matches("invalid redirect Location 'gopher://x/'", err.message)
     local r = http.post(base .. "/see_other", { body = "x" }):json()
     assert.are.equal("GET", r.method)
     assert.are.equal("", r.body)
@@ -403,11 +408,11 @@ describe("fibril.http over TLS", function()
   local dir, servers = nil, {}
 
   -- Runs openssl s_server with cert/key on a free port; returns the port.
-  local function s_server(name)
+  local function s_server(name, extra)
     for _ = 1, 20 do
       local p = math.random(20000, 50000)
       local pid = tonumber(sh(("openssl s_server -accept 127.0.0.1:%d -cert %s/%s.pem -key %s/%s.key "
-        .. "-www -quiet >/dev/null 2>&1 & echo $!"):format(p, dir, name, dir, name)))
+        .. "%s -www -quiet >/dev/null 2>&1 & echo $!"):format(p, dir, name, dir, name, extra or "")))
       servers[#servers + 1] = pid
       for _ = 1, 100 do
         local ok, sock = pcall(support.connect, p)
@@ -447,6 +452,9 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout self.key -out self.pem -days 3
     f:close()
     assert(os.execute("sh " .. support.tmpdir() .. "/mkcerts.sh >/dev/null 2>&1") == 0, "cert generation failed")
     for _, name in ipairs({ "good", "expired", "other", "self" }) do ports[name] = s_server(name) end
+    -- Serves the good certificate only to a client whose SNI says localhost, else "other".
+    ports.sni = s_server("other", ("-servername localhost -cert2 %s/good.pem -key2 %s/good.key")
+                                  :format(dir, dir))
   end)
 
   teardown(function()
@@ -483,6 +491,14 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout self.key -out self.pem -days 3
     ok, err = pcall(http.get, "https://localhost:" .. ports.self .. "/")
     assert.are.equal("cert_self_signed", err.code)
     assert.matches("self.signed certificate", err.message)
+  end)
+
+  it("sends the host name as SNI", function()
+    local res = http.get("https://localhost:" .. ports.sni .. "/", { ca_file = dir .. "/ca.pem" })
+    assert.are.equal(200, res.status)
+    -- by IP address no SNI goes out, so the server picks its default certificate
+    local ok, err = pcall(http.get, "https://127.0.0.1:" .. ports.sni .. "/", { ca_file = dir .. "/ca.pem" })
+    assert.are.equal("cert_hostname", err.code)
   end)
 
   it("rejects an expired certificate", function()

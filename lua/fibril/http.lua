@@ -12,10 +12,10 @@ local pool_mod = require "fibril.http.pool"
 local json = require "fibril.json"
 local url = require "fibril.url"
 
-local has_inflate, inflate = pcall(require, "fibril.core.inflate")
-local type, error, tostring, pairs, setmetatable, rawget, getmetatable =
-      type, error, tostring, pairs, setmetatable, rawget, getmetatable
+local type, error, tostring, pairs, setmetatable, rawget, getmetatable, pcall =
+      type, error, tostring, pairs, setmetatable, rawget, getmetatable, pcall
 local lower, upper, find, sub = string.lower, string.upper, string.find, string.sub
+local has_inflate, inflate = pcall(require, "fibril.core.inflate")
 local concat, min, floor = table.concat, math.min, math.floor
 local m = core.methods
 local cconnect, crequest, cread = core.connect, m.request, m.read
@@ -347,7 +347,10 @@ function M.request(opts)
     if hops > redirects then
       raise("too_many_redirects", "more than " .. redirects .. " redirects", res._where)
     end
-    local nu = message.parse_url(message.resolve(u, loc), 2)
+    local okp, nu = pcall(message.parse_url, message.resolve(u, loc))
+    if not okp then                                  -- the server's Location, not the caller's
+      raise("protocol", "invalid redirect Location '" .. sub(loc, 1, 200) .. "'", res._where)
+    end
     if u.scheme == "https" and nu.scheme == "http" then
       raise("redirect_downgrade", "refusing a redirect from https to http: " .. sub(loc, 1, 200), res._where)
     end
