@@ -67,7 +67,7 @@ elseif mode == "fanout" then
     warm[r] = fan()
   end
   local target = 1.3 * delay + rtt
-  print(("fan-out: %d concurrent calls of %d ms; one round trip %.2f ms; target <= %.1f ms")
+  print(("fan-out: %d concurrent calls of %d ms; one round trip %.3f ms; target <= %.1f ms")
         :format(calls, delay * 1000, rtt * 1000, target * 1000))
   print(("fan-out cold (new connections): median %.1f ms (%.2fx of the delay)")
         :format(median(cold) * 1000, median(cold) / delay))
