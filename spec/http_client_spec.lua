@@ -402,6 +402,132 @@ srv:close()
   end)
 end)
 
+-- ---- raw responses: a python peer that answers each request with given bytes --------------
+
+describe("fibril.http against hand-written responses", function()
+  local PEER = [=[
+import socket, sys, signal
+signal.alarm(20)
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+print(s.getsockname()[1], flush=True)
+def unescape(t): return t.encode("latin-1").decode("unicode_escape").encode("latin-1")
+answers = [unescape(a) for a in sys.argv[1:]]
+while answers:
+    c, _ = s.accept()
+    buf = b""
+    try:
+        while answers:
+            while b"\r\n\r\n" not in buf:
+                d = c.recv(65536)
+                if not d: raise EOFError
+                buf += d
+            buf = buf[buf.index(b"\r\n\r\n") + 4:]
+            a = answers.pop(0)
+            if a == b"CLOSE": break
+            c.sendall(a)
+    except (EOFError, OSError):
+        pass
+    c.close()
+]=]
+  local script = support.write("raw_peer.py", PEER)
+
+  -- Runs the peer with one answer per request ("CLOSE": close the connection instead);
+  -- returns the base URL and a function that waits for the peer to finish.
+  local function peer(...)
+    local args = {}
+    for i, a in ipairs({ ... }) do args[i] = "'" .. a .. "'" end
+    local p = assert(io.popen("python3 '" .. script .. "' " .. table.concat(args, " ")))
+    local rport = tonumber(p:read("*l"))
+    return "http://127.0.0.1:" .. rport, function() http.reset() p:close() end
+  end
+
+  local baseline
+  before_each(function()
+    http.configure({ per_origin = 16 })
+    baseline = support.settled(live, "0/0")
+  end)
+  after_each(function()
+    http.reset()
+    assert.are.equal(baseline, support.settled(live, baseline))
+  end)
+
+  it("skips 100 Continue and reads a body delimited by the end of the stream", function()
+    local url, done = peer([[HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil eof]])
+    local res = http.get(url .. "/")
+    local stats = http.pool_stats()
+    done()
+    assert.are.equal(200, res.status)
+    assert.are.equal("until eof", res.body)
+    assert.are.equal(0, stats.idle)                     -- an HTTP/1.0 answer: not kept
+  end)
+
+  it("returns 204 and 304 without a body and keeps the connection", function()
+    local url, done = peer("HTTP/1.1 204 No Content\\r\\n\\r\\n",
+                           "HTTP/1.1 304 Not Modified\\r\\nETag: x\\r\\n\\r\\n")
+    assert.are.equal(204, http.get(url .. "/a").status)
+    local res = http.get(url .. "/b")
+    local stats = http.pool_stats()
+    done()
+    assert.are.equal(304, res.status)
+    assert.are.equal("", res.body)
+    assert.are.equal(1, stats.opened)
+  end)
+
+  it("raises protocol errors for malformed responses", function()
+    local cases = {
+      "HTTP/1.1 2OO OK\\r\\n\\r\\n",
+      "HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n",
+      "HTTP/1.1 200 OK\\r\\nContent-Length: -1\\r\\n\\r\\n",
+      "HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\nzz\\r\\n",
+      "HTTP/1.1 200 OK\\r\\nNo colon here\\r\\n\\r\\n",
+    }
+    for _, answer in ipairs(cases) do
+      local url, done = peer(answer)
+      local ok, err = pcall(http.get, url .. "/", { timeout = 2 })
+      done()
+      assert.is_false(ok, answer)
+      assert.are.equal("protocol", err.code, answer)
+      assert.matches("^http: invalid response: ", err.message)
+    end
+  end)
+
+  it("refuses more than 100 header lines", function()
+    local url, done = peer("HTTP/1.1 200 OK\\r\\n" .. string.rep("X-H: v\\r\\n", 101) .. "\\r\\n")
+    local ok, err = pcall(http.get, url .. "/")
+    done()
+    assert.are.equal("header_too_large", err.code)
+    assert.matches("more than 100 header lines", err.message)
+  end)
+
+  it("does not reuse a connection that sent more than it was asked", function()
+    local url, done = peer("HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nokEXTRA")
+    assert.are.equal("ok", http.get(url .. "/").body)
+    local stats = http.pool_stats()
+    done()
+    assert.are.equal(0, stats.idle)
+  end)
+
+  it("sends the request once more when a reused connection was closed meanwhile", function()
+    -- the first connection answers once, then closes as the second request arrives
+    local url, done = peer("HTTP/1.1 200 OK\\r\\nContent-Length: 1\\r\\n\\r\\na", "CLOSE",
+                           "HTTP/1.1 200 OK\\r\\nContent-Length: 1\\r\\n\\r\\nb")
+    assert.are.equal("a", http.get(url .. "/").body)
+    assert.are.equal("b", http.get(url .. "/").body)
+    local stats = http.pool_stats()
+    done()
+    assert.are.equal(2, stats.opened)
+    assert.are.equal(1, stats.reused)
+  end)
+
+  it("sends a large request body", function()
+    local body = string.rep("z", 600000)
+    local srv2, p2 = support.http_server(function(req, res) res:send(200, nil, tostring(#req.body)) end)
+    assert.are.equal("600000", http.post("http://127.0.0.1:" .. p2 .. "/", { body = body }).body)
+    http.reset()
+    srv2:close()
+  end)
+end)
+
 -- ---- TLS ----------------------------------------------------------------------------------
 
 describe("fibril.http over TLS", function()
