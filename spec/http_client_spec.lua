@@ -452,8 +452,8 @@ while answers:
   end)
 
   it("skips 100 Continue and reads a body delimited by the end of the stream", function()
-    local url, done = peer([[HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil eof]])
-    local res = http.get(url .. "/")
+    local base_url, done = peer([[HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil eof]])
+    local res = http.get(base_url .. "/")
     local stats = http.pool_stats()
     done()
     assert.are.equal(200, res.status)
@@ -462,10 +462,10 @@ while answers:
   end)
 
   it("returns 204 and 304 without a body and keeps the connection", function()
-    local url, done = peer("HTTP/1.1 204 No Content\\r\\n\\r\\n",
+    local base_url, done = peer("HTTP/1.1 204 No Content\\r\\n\\r\\n",
                            "HTTP/1.1 304 Not Modified\\r\\nETag: x\\r\\n\\r\\n")
-    assert.are.equal(204, http.get(url .. "/a").status)
-    local res = http.get(url .. "/b")
+    assert.are.equal(204, http.get(base_url .. "/a").status)
+    local res = http.get(base_url .. "/b")
     local stats = http.pool_stats()
     done()
     assert.are.equal(304, res.status)
@@ -482,8 +482,8 @@ while answers:
       "HTTP/1.1 200 OK\\r\\nNo colon here\\r\\n\\r\\n",
     }
     for _, answer in ipairs(cases) do
-      local url, done = peer(answer)
-      local ok, err = pcall(http.get, url .. "/", { timeout = 2 })
+      local base_url, done = peer(answer)
+      local ok, err = pcall(http.get, base_url .. "/", { timeout = 2 })
       done()
       assert.is_false(ok, answer)
       assert.are.equal("protocol", err.code, answer)
@@ -492,16 +492,16 @@ while answers:
   end)
 
   it("refuses more than 100 header lines", function()
-    local url, done = peer("HTTP/1.1 200 OK\\r\\n" .. string.rep("X-H: v\\r\\n", 101) .. "\\r\\n")
-    local ok, err = pcall(http.get, url .. "/")
+    local base_url, done = peer("HTTP/1.1 200 OK\\r\\n" .. string.rep("X-H: v\\r\\n", 101) .. "\\r\\n")
+    local ok, err = pcall(http.get, base_url .. "/")
     done()
     assert.are.equal("header_too_large", err.code)
     assert.matches("more than 100 header lines", err.message)
   end)
 
   it("does not reuse a connection that sent more than it was asked", function()
-    local url, done = peer("HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nokEXTRA")
-    assert.are.equal("ok", http.get(url .. "/").body)
+    local base_url, done = peer("HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nokEXTRA")
+    assert.are.equal("ok", http.get(base_url .. "/").body)
     local stats = http.pool_stats()
     done()
     assert.are.equal(0, stats.idle)
@@ -509,10 +509,10 @@ while answers:
 
   it("sends the request once more when a reused connection was closed meanwhile", function()
     -- the first connection answers once, then closes as the second request arrives
-    local url, done = peer("HTTP/1.1 200 OK\\r\\nContent-Length: 1\\r\\n\\r\\na", "CLOSE",
+    local base_url, done = peer("HTTP/1.1 200 OK\\r\\nContent-Length: 1\\r\\n\\r\\na", "CLOSE",
                            "HTTP/1.1 200 OK\\r\\nContent-Length: 1\\r\\n\\r\\nb")
-    assert.are.equal("a", http.get(url .. "/").body)
-    assert.are.equal("b", http.get(url .. "/").body)
+    assert.are.equal("a", http.get(base_url .. "/").body)
+    assert.are.equal("b", http.get(base_url .. "/").body)
     local stats = http.pool_stats()
     done()
     assert.are.equal(2, stats.opened)
