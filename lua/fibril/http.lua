@@ -291,33 +291,32 @@ end
 ---@return table response { status, headers (case-insensitive), body, url, ok } with
 ---   res:json(), res:header(name), and for streams res:read(), res:chunks(), res:close()
 ---@usage local res = http.request{ method = "POST", url = u, json = { a = 1 }, timeout = 5 }
-function M.request(opts)
-  if type(opts) ~= "table" then error("http.request: options must be a table", 2) end
-  local u = message.parse_url(opts.url, 2)
+local function request(opts, level)
+  local u = message.parse_url(opts.url, level)
   local pool, s = pool_and_settings()
   local method = opts.method and upper(tostring(opts.method)) or nil
-  if method and not find(method, "^[A-Z]+$") then error("http: invalid method '" .. method .. "'", 2) end
+  if method and not find(method, "^[A-Z]+$") then error("http: invalid method '" .. method .. "'", level) end
   local headers = opts.headers
-  if headers ~= nil and type(headers) ~= "table" then error("http: headers must be a table", 2) end
+  if headers ~= nil and type(headers) ~= "table" then error("http: headers must be a table", level) end
   local body = opts.body
   local ctype
   if opts.json ~= nil then body, ctype = json.encode(opts.json), "application/json"
   elseif opts.form ~= nil then
-    if type(opts.form) ~= "table" then error("http: form must be a table", 2) end
+    if type(opts.form) ~= "table" then error("http: form must be a table", level) end
     body, ctype = url.build_query(opts.form), "application/x-www-form-urlencoded"
   end
-  if body ~= nil and type(body) ~= "string" then error("http: body must be a string", 2) end
+  if body ~= nil and type(body) ~= "string" then error("http: body must be a string", level) end
   method = method or (body and "POST" or "GET")
   if body == nil and (method == "POST" or method == "PUT" or method == "PATCH") then body = "" end
   local timeout = opt_number(opts.timeout, "timeout", s.timeout)
   local verify = opts.verify
   if verify == nil then verify = true
-  elseif type(verify) ~= "boolean" then error("http: verify must be true or false", 2) end
+  elseif type(verify) ~= "boolean" then error("http: verify must be true or false", level) end
   local redirects = opts.follow_redirects
   if redirects == nil or redirects == true then redirects = s.max_redirects
   elseif redirects == false then redirects = 0
   elseif type(redirects) ~= "number" or redirects < 0 or redirects ~= floor(redirects) then
-    error("http: follow_redirects must be a boolean or a count", 2)
+    error("http: follow_redirects must be a boolean or a count", level)
   end
   local r = {
     pool = pool, verify = verify, ca_file = opts.ca_file or s.ca_file,
@@ -328,7 +327,7 @@ function M.request(opts)
     deadline = now() + timeout, timeout = timeout,
     decompress = opts.decompress ~= false,
   }
-  if r.ca_file ~= nil and type(r.ca_file) ~= "string" then error("http: ca_file must be a path", 2) end
+  if r.ca_file ~= nil and type(r.ca_file) ~= "string" then error("http: ca_file must be a path", level) end
   local extra = { ["User-Agent"] = USER_AGENT }
   if has_inflate and r.decompress then extra["Accept-Encoding"] = "gzip" end
   if ctype then extra["Content-Type"] = ctype end
@@ -369,6 +368,11 @@ function M.request(opts)
   end
 end
 
+function M.request(opts)
+  if type(opts) ~= "table" then error("http.request: options must be a table", 2) end
+  return (request(opts, 3))      -- level 3: request's errors name the caller of M.request
+end
+
 local function shortcut(method)
   return function(u, opts)
     local o = {}
@@ -377,7 +381,7 @@ local function shortcut(method)
       for k, v in pairs(opts) do o[k] = v end
     end
     o.method, o.url = method, u
-    return M.request(o)
+    return (request(o, 3))
   end
 end
 

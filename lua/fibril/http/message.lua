@@ -76,7 +76,7 @@ local function is_token(s) return type(s) == "string" and s ~= "" and not find(s
 local function check_value(name, v)
   v = tostring(v)
   if find(v, "[%z\r\n]") then
-    error("http: header '" .. name .. "' contains CR, LF or NUL", 4)
+    error("http: header '" .. name .. "' contains CR, LF or NUL", 5)
   end
   return v
 end
@@ -84,7 +84,7 @@ end
 --- u with a query table appended to its target ("/p" + { a = 1 } -> "/p?a=1"), as a copy.
 function M.add_query(u, query)
   if query == nil then return u end
-  if type(query) ~= "table" then error("http: query must be a table", 3) end
+  if type(query) ~= "table" then error("http: query must be a table", 4) end
   local q = url.build_query(query)
   if q == "" then return u end
   local c = {}
@@ -104,10 +104,10 @@ function M.build(method, u, headers, body, extra)
   local out, n = { method, " ", u.target, " HTTP/1.1\r\n" }, 4
   local seen, host = headers and {} or NONE, nil
   if headers ~= nil then
-    if type(headers) ~= "table" then error("http: headers must be a table", 3) end
+    if type(headers) ~= "table" then error("http: headers must be a table", 4) end
     local names = {}
     for k in pairs(headers) do
-      if not is_token(k) then error("http: invalid header name " .. format("%q", tostring(k)), 3) end
+      if not is_token(k) then error("http: invalid header name " .. format("%q", tostring(k)), 4) end
       names[#names + 1] = k
     end
     sort(names)                                       -- a stable order: easier to debug
