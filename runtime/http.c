@@ -76,6 +76,7 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   c->state = CS_CLOSING;
   spans_put(c);
   fb_http_detach_response(c);      /* the handler's res object now reports closed */
+  fb_http_wake_close_waiter(c, "closed");
   if (c->write_waiter) {
     fb_fiber_t *f = c->write_waiter;
     c->write_waiter = NULL;
@@ -153,6 +154,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     c->peer_eof = 1;
     uv_read_stop(s);
     c->reading = 0;
+    fb_http_wake_close_waiter(c, "eof");   /* a stream ends when its client leaves */
     if (c->state != CS_DISPATCHED) fb_http_conn_close(c);
     return;
   }

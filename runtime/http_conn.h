@@ -79,6 +79,7 @@ struct fb_http_conn_s {
   long long content_length; /* res:start's declared length, or -1 (chunked) */
   size_t write_queued;      /* bytes handed to uv_write and not yet written */
   fb_fiber_t *write_waiter; /* a fiber suspended in res:write until the queue drains */
+  fb_fiber_t *close_waiter; /* a fiber in res:wait_closed (a stream) until the client leaves */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
   char method[24];
@@ -92,6 +93,9 @@ void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the clo
 void fb_http_write_progress(fb_http_conn_t *c);
 /* The response is complete: log it, then read the next request or close. */
 void fb_http_request_done(fb_http_conn_t *c);
+
+/* Wakes the fiber in res:wait_closed, if any: the client left (eof) or the connection closes. */
+void fb_http_wake_close_waiter(fb_http_conn_t *c, const char *why);
 
 /* http_write.c */
 int fb_http_write(fb_http_conn_t *c, const char *p1, size_t n1, const char *p2, size_t n2);

@@ -6,7 +6,8 @@ local executor = require "fibril.executor"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 
-local setmetatable, tostring, type, remove = setmetatable, tostring, type, table.remove
+local setmetatable, tostring, type, remove, pcall = setmetatable, tostring, type, table.remove,
+      pcall
 local spawn, set_context = fcore.spawn, fcore.set_context
 
 local M = {}
@@ -16,16 +17,19 @@ local Sub = {}
 local SubMT = { __index = Sub }
 
 function M.new()
-  return setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false },
-                      LocalMT)
+  return setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false,
+                        seq = 0, taps = {} }, LocalMT)
 end
 
--- Calls each handler of channel with message, each a unit of work; errors are logged.
-local function deliver(list, channel, message)
+-- Calls each handler of channel with message, each a unit of work (framework-internal raw
+-- handlers directly); errors are logged.
+local function deliver(list, channel, message, id)
   for i = 1, #list do
     local sub = list[i]
     if sub and sub.active then
-      local ok, err = executor.call(sub.fn, { channel = channel }, message, channel)
+      local ok, err
+      if sub.raw then ok, err = pcall(sub.fn, message, channel, id)
+      else ok, err = executor.call(sub.fn, { channel = channel }, message, channel, id) end
       if not ok then
         log.error("pubsub handler failed", { channel = channel,
                   err = tostring(type(err) == "table" and err.message or err),
@@ -39,34 +43,46 @@ local function dispatch(self)
   set_context(nil)               -- not part of the publisher's unit
   while self.head <= self.tail do
     local i = self.head
-    local channel, message = self.queue[i], self.queue[i + 1]
-    self.queue[i], self.queue[i + 1] = nil, nil
-    self.head = i + 2
+    local q = self.queue
+    local channel, message, id = q[i], q[i + 1], q[i + 2]
+    q[i], q[i + 1], q[i + 2] = nil, nil, nil
+    self.head = i + 3
     local list = self.channels[channel]
     if list then
       local copy = { unpack(list) }   -- handlers may unsubscribe while we iterate
-      deliver(copy, channel, message)
+      deliver(copy, channel, message, id)
     end
   end
   self.head, self.tail, self.running = 1, 0, false
 end
 
+--- Queues message for the handlers of channel; returns how many there are, and the
+--- message's id (a decimal counter, increasing within the process).
 function Local:publish(channel, message)
-  if not self.channels[channel] then return 0 end
+  local seq = self.seq + 1
+  self.seq = seq
+  local id = tostring(seq)
+  for i = 1, #self.taps do self.taps[i](message, channel, id) end
+  if not self.channels[channel] then return 0, id end
   local n = self.tail
-  self.queue[n + 1], self.queue[n + 2] = channel, message
-  self.tail = n + 2
+  self.queue[n + 1], self.queue[n + 2], self.queue[n + 3] = channel, message, id
+  self.tail = n + 3
   if not self.running then
     self.running = true
     spawn(dispatch, self)
   end
-  return #self.channels[channel]
+  return #self.channels[channel], id
 end
 
-function Local:subscribe(channel, fn)
+--- Calls fn(message, channel, id) for every message published, synchronously (the replay
+--- buffer records this way).
+function Local:tap(fn) self.taps[#self.taps + 1] = fn end
+
+function Local:subscribe(channel, fn, opts)
   local list = self.channels[channel]
   if not list then list = {}; self.channels[channel] = list end
-  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true }, SubMT)
+  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true,
+                             raw = opts ~= nil and opts.raw == true }, SubMT)
   list[#list + 1] = sub
   return sub
 end
@@ -88,6 +104,7 @@ function Local:close()
     for _, sub in ipairs(list) do sub.active = false end
   end
   self.channels = {}
+  self.taps = {}
 end
 
 return M
