@@ -1,4 +1,5 @@
 return function(r)
   r:get("/hello", "bench#hello")
   r:get("/json", "bench#json")
+  r:get("/sse", "stream#sse")
 end

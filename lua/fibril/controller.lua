@@ -88,12 +88,19 @@ local function check_not_rendered(self)
 end
 
 --- Sets the response. Exactly one body kind: json, text, html or body (a string);
---- status (default 200), headers (a table), content_type override.
+--- status (default 200), headers (a table), content_type override. Or sse = sse.stream(...):
+--- an event stream that lasts until the client leaves (docs/sse.md).
 function Controller:render(opts)
   check_not_rendered(self)
   if type(opts) ~= "table" then error("render: expected a table ({ json = ... }, { text = ... })", 2) end
   local body, ctype
-  if opts.json ~= nil then
+  if opts.sse ~= nil then        -- a stream: fibril.sse serves it once the action returns
+    if type(opts.sse) ~= "table" or not (opts.sse.channels or opts.sse.fn) then
+      error("render: sse expects sse.stream(channel, ...) or sse.stream(function(stream) ... end)", 2)
+    end
+    self._response = { status = 200, headers = opts.headers or {}, body = "", sse = opts.sse }
+    return
+  elseif opts.json ~= nil then
     body, ctype = json.encode(opts.json), "application/json"
   elseif opts.text ~= nil then
     body, ctype = tostring(opts.text), "text/plain; charset=utf-8"

@@ -67,6 +67,7 @@ function M.handler(app)
     if route.handler then return route.handler(req, res, params) end
     local out = Controller.dispatch(app.controllers[route.controller], route.action, req, params,
                                     route.controller)
+    if out.sse then return require("fibril.sse").serve(req, res, out.sse, out.headers) end
     return res:send(out.status, out.headers, out.body)
   end
 
@@ -122,6 +123,7 @@ function M.drain_on_signal(app, server)
   local deadline = fibril.now() + app.config.http.drain_timeout
   log("info", "draining", { signal = name, connections = server:connections() })
   server:close()
+  require("fibril.sse").shutdown()   -- streams end cleanly; their clients reconnect elsewhere
   while server:connections() > 0 and fibril.now() < deadline do fibril.sleep(0.02) end
   if server:connections() > 0 then
     log("warn", "drain timeout: closing connections still open", { connections = server:connections() })
@@ -131,6 +133,7 @@ end
 --- Runs the app in this process until a signal drains it. Returns the exit status.
 function M.run(app)
   require("fibril.log").configure(app.config.log)
+  require("fibril.sse").configure(app.config.sse)
   local server = M.listen(app)
   local reloading = app.config.reload and app.env ~= "production"
                     and require("fibril.reloader").start(app)
