@@ -80,6 +80,7 @@ struct fb_http_conn_s {
   size_t write_queued;      /* bytes handed to uv_write and not yet written */
   fb_fiber_t *write_waiter; /* a fiber suspended in res:write until the queue drains */
   fb_fiber_t *close_waiter; /* a fiber in res:wait_closed (a stream) until the client leaves */
+  fb_fiber_t *close_cancels; /* res:cancel_on_close's fiber: cancelled when the client leaves */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
   char method[24];

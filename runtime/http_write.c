@@ -456,6 +456,11 @@ static int l_res_push(lua_State *L) {
 void fb_http_wake_close_waiter(fb_http_conn_t *c, const char *why) {
   fb_fiber_t *f = c->close_waiter;
   lua_State *co;
+  if (c->close_cancels && why[0] != 'f') {   /* not on "finished": the stream ended itself */
+    fb_fiber_t *t = c->close_cancels;
+    c->close_cancels = NULL;
+    fb_fiber_cancel(t);
+  }
   if (!f) return;
   c->close_waiter = NULL;
   co = fb_fiber_thread(f);
@@ -486,6 +491,17 @@ static int l_res_wait_closed(lua_State *L) {
   c->close_waiter = f;
   fb_fiber_on_cancel(f, close_wait_cancel, c);
   return fb_fiber_suspend(L, f, timeout);
+}
+
+/* res:cancel_on_close(on): while on, the calling fiber is cancelled (fibril.cancel) when the
+ * client leaves or the connection closes, so a stream handler waiting on anything ends.
+ * The caller must turn it off before the fiber ends (fibril.sse does, whatever happens). */
+static int l_res_cancel_on_close(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  int on = lua_toboolean(L, 2);
+  if (!c) return 0;
+  c->close_cancels = on ? fb_fiber_check(L, "res:cancel_on_close") : NULL;
+  return 0;
 }
 
 /* res:finish(): ends a streamed response. */
@@ -531,6 +547,13 @@ static int l_res_closed(lua_State *L) {
   return 1;
 }
 
+/* res:gone(): the connection closed, or the client closed its side (it will not read). */
+static int l_res_gone(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  lua_pushboolean(L, c == NULL || c->peer_eof);
+  return 1;
+}
+
 static int l_res_started(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
   lua_pushboolean(L, c == NULL || c->head_sent);
@@ -560,7 +583,8 @@ int luaopen_fibril_core_http_response(lua_State *L) {
     { "send", l_res_send }, { "start", l_res_start }, { "write", l_res_write },
     { "finish", l_res_finish }, { "closed", l_res_closed }, { "started", l_res_started },
     { "remote", l_res_remote }, { "abort", l_res_abort }, { "push", l_res_push },
-    { "wait_closed", l_res_wait_closed }, { NULL, NULL }
+    { "wait_closed", l_res_wait_closed }, { "cancel_on_close", l_res_cancel_on_close }, { "gone", l_res_gone },
+    { NULL, NULL }
   };
   if (luaL_newmetatable(L, RES_MT)) {      /* stack: mt */
     lua_newtable(L);

@@ -17,6 +17,7 @@ return function(r)
   r:post("/rooms/:id/say", "rooms#say")
   r:get("/count", "rooms#count")
   r:get("/ticks", "rooms#ticks")
+  r:get("/wait", "rooms#wait")
 end]])
   support.write(dir:sub(#support.tmpdir() + 2) .. "/controllers/rooms.lua", [[
 local Controller = require "fibril.controller"
@@ -36,6 +37,9 @@ function C:ticks()
       fibril.sleep(0.01)
     end
   end) }
+end
+function C:wait()
+  self:render{ sse = sse.stream(function() fibril.cond():wait() end) }   -- waits for nothing
 end
 return C]])
   return dir
@@ -171,6 +175,16 @@ describe("fibril.sse", function()
       assert.is_true(eventually(function() return get(app.port, "/count") == "1" end))
       assert.matches("sse client too slow: disconnected", app.log())
       slow:close(); fast:close()
+    end)
+
+    it("ends a handler-driven stream when its client leaves, whatever the handler waits on",
+       function()
+      local s = open_stream(app.port, "/wait")
+      assert.are.same({ ": ok" }, read_events(s, 1))
+      assert.are.equal("1", get(app.port, "/count"))
+      s:close()
+      assert.is_true(eventually(function() return get(app.port, "/count") == "0" end))
+      assert.not_matches("request failed", app.log())
     end)
 
     it("runs a handler-driven stream until its function returns", function()

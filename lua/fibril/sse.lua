@@ -16,8 +16,7 @@ local type, error, tostring, setmetatable, getmetatable, pairs, next, pcall, sel
       type, error, tostring, setmetatable, getmetatable, pairs, next, pcall, select
 local find, gsub, match, format, concat, floor = string.find, string.gsub, string.match,
       string.format, table.concat, math.floor
-local spawn, sleep, set_context, cancel = fcore.spawn, fcore.sleep, fcore.set_context,
-      fcore.cancel
+local spawn, sleep, set_context = fcore.spawn, fcore.sleep, fcore.set_context
 
 local M = {}
 
@@ -145,7 +144,7 @@ function Stream:send_frame(frame) return push(self, frame) end
 function Stream:comment(text) return push(self, M.comment(text)) end
 
 ---@return boolean true once the client left or the stream was dropped
-function Stream:closed() return self.closed or self.res:closed() end
+function Stream:closed() return self.closed or self.res:gone() end
 
 local function heartbeat_loop()
   set_context(nil)
@@ -203,28 +202,25 @@ function M.serve(req, res, desc, headers)
       end
     end
   end
-  local worker
-  local ok, err = pcall(function()
-    if desc.channels then
+  local ok, err
+  if desc.channels then
+    ok, err = pcall(function()
       for _, name in ipairs(desc.channels) do join(stream, name) end
-    else
-      -- The handler runs in a fiber of its own (sharing the unit); this one watches the client.
-      worker = spawn(function()
-        local wok, werr = pcall(desc.fn, stream)
-        if not wok then
-          log.error("sse stream handler failed", { path = req.path, err = tostring(werr) })
-          res:abort()
-        elseif not res:closed() then
-          res:finish()
-        end
-      end)
+      res:wait_closed()
+    end)
+  else
+    -- The handler runs in this fiber; the client leaving cancels whatever it waits on.
+    res:cancel_on_close(true)
+    ok, err = pcall(desc.fn, stream)
+    res:cancel_on_close(false)
+    if not ok and (res:gone() or stream.closed) and type(err) == "table"
+       and err.code == "cancelled" then
+      ok = true                   -- the client left: the normal end of a stream
     end
-    res:wait_closed()
-  end)
-  if worker then cancel(worker) end
+  end
   drop(stream)
   if not res:closed() then
-    if ok then pcall(res.finish, res) else res:abort() end
+    if ok and not res:gone() then pcall(res.finish, res) else res:abort() end
   end
   if not ok then error(err, 0) end
 end
