@@ -93,13 +93,31 @@ end
 
 --- Describes a stream for render{ sse = ... }: one or more channels (each a string or a list,
 --- as in fibril.pubsub), or a function(stream) that sends what it wants and returns to end it.
+--- A last table argument with `retry` (milliseconds) is options: the stream opens by telling
+--- the browser how long to wait before reconnecting.
 function M.stream(...)
+  local n = select("#", ...)
+  local last = n > 0 and select(n, ...) or nil
+  local opts
+  if type(last) == "table" and last.retry ~= nil then opts, n = last, n - 1 end
   local first = ...
-  if type(first) == "function" then return { fn = first } end
-  local names = {}
-  for i = 1, select("#", ...) do names[i] = pubsub.channel((select(i, ...))) end
-  if #names == 0 then error("sse.stream: give a channel (or several), or a function", 2) end
-  return { channels = names }
+  local desc
+  if type(first) == "function" then
+    desc = { fn = first }
+  else
+    local names = {}
+    for i = 1, n do names[i] = pubsub.channel((select(i, ...))) end
+    if #names == 0 then error("sse.stream: give a channel (or several), or a function", 2) end
+    desc = { channels = names }
+  end
+  if opts then
+    local r = opts.retry
+    if type(r) ~= "number" or r < 0 or r ~= floor(r) then
+      error("sse.stream: retry must be a whole number of milliseconds", 2)
+    end
+    desc.retry = r
+  end
+  return desc
 end
 
 local function drop(stream, why)
@@ -189,7 +207,7 @@ function M.serve(req, res, desc, headers)
   local stream = setmetatable({ res = res, channels = desc.channels, closed = false }, StreamMT)
   streams[stream] = true
   if not ticker then ticker = spawn(heartbeat_loop) end
-  push(stream, M.comment("ok"))
+  push(stream, desc.retry and format(": ok\nretry: %d\n\n", desc.retry) or M.comment("ok"))
   local last = req.headers and req.headers["last-event-id"]
   local replay = last and desc.channels and pubsub.replay()
   if replay then
@@ -229,6 +247,21 @@ end
 --- message: from sse.message, or data to make one from.
 function M.broadcast(channel, message)
   return pubsub.publish(channel, M.message(message).frame)
+end
+
+--- Ends the streams of channel in this process cleanly; their browsers reconnect (sending
+--- Last-Event-ID). Returns how many were open.
+function M.close(channel)
+  local ch = channels[pubsub.channel(channel)]
+  if not ch then return 0 end
+  local n = 0
+  for s in pairs(ch.streams) do
+    if not s.res:closed() then
+      pcall(s.res.finish, s.res)
+      n = n + 1
+    end
+  end
+  return n
 end
 
 --- Ends every open stream cleanly (the server's drain calls this).
