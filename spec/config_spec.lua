@@ -41,7 +41,7 @@ local DESIGN_DEFAULTS = {
     write_high_water = 262144,
   },
   sse = { heartbeat = 15, replay = 0, max_buffer = 262144 },
-  pubsub = { adapter = "local", retention = 300 },
+  pubsub = { adapter = "local", retention = 300, stream = "fibril:pubsub" },
   redis = { pool = 10, connect_timeout = 5, timeout = 5 },
   database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30 },
   http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil },

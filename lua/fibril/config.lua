@@ -70,6 +70,7 @@ local SCHEMA = {
   ["pubsub.adapter"]         = { "string",  "local",     one_of("local", "redis") },
   ["pubsub.url"]             = { "string",  nil,         non_empty },  -- nil: redis.url
   ["pubsub.retention"]       = { "number",  300,         seconds },
+  ["pubsub.stream"]          = { "string",  "fibril:pubsub", non_empty },  -- the redis adapter's key
   ["redis.url"]              = { "string",  nil,         non_empty },  -- nil: REDIS_URL or local
   ["redis.pool"]             = { "number",  10,          positive_integer },
   ["redis.connect_timeout"]  = { "number",  5,           seconds },

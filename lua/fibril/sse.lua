@@ -195,14 +195,15 @@ end
 local HEADERS = { ["Content-Type"] = "text/event-stream", ["Cache-Control"] = "no-store",
                   ["X-Accel-Buffering"] = "no" }
 
---- Serves a stream on (req, res) until the client leaves, the handler returns, or the server
---- drains. The request's fiber (and unit of work) lives as long as the stream.
----@param desc table from sse.stream
----@param headers table|nil extra response headers
-function M.serve(req, res, desc, headers)
-  local h = {}
-  for k, v in pairs(HEADERS) do h[k] = v end
-  for k, v in pairs(headers or {}) do h[k] = v end
+-- Sends the head, the opening comment and what Last-Event-ID missed; returns the stream. Kept
+-- apart from serve so its temporaries are gone while the stream waits (10,000 streams).
+local function open(req, res, desc, headers)
+  local h = HEADERS
+  if headers and next(headers) then
+    h = {}
+    for k, v in pairs(HEADERS) do h[k] = v end
+    for k, v in pairs(headers) do h[k] = v end
+  end
   res:start(200, h)
   local stream = setmetatable({ res = res, channels = desc.channels, closed = false }, StreamMT)
   streams[stream] = true
@@ -220,6 +221,15 @@ function M.serve(req, res, desc, headers)
       end
     end
   end
+  return stream
+end
+
+--- Serves a stream on (req, res) until the client leaves, the handler returns, or the server
+--- drains. The request's fiber (and unit of work) lives as long as the stream.
+---@param desc table from sse.stream
+---@param headers table|nil extra response headers
+function M.serve(req, res, desc, headers)
+  local stream = open(req, res, desc, headers)
   local ok, err
   if desc.channels then
     ok, err = pcall(function()

@@ -25,4 +25,9 @@ function C:sse()
   end) }
 end
 
+-- GET /channel/NAME: the stream of a broadcast channel (bench/sse.sh's redis-adapter run).
+function C:channel()
+  self:render{ sse = sse.stream(self.params.name) }
+end
+
 return C
