@@ -1,6 +1,6 @@
 --- fibril.app: loads an app directory: config/app.lua for the environment, routes.lua, the
---- controllers the routes name, the daemons in APP/daemons, and APP/lib on package.path. Every boot error names the file
---- (and line, when Lua knows it) and says what to do.
+--- controllers the routes name, the daemons in APP/daemons, and APP/lib on package.path.
+--- Every boot error names the file (and line, when Lua knows it) and says what to do.
 local config = require "fibril.config"
 local Router = require "fibril.router"
 local Controller = require "fibril.controller"
