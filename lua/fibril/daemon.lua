@@ -17,7 +17,7 @@ local log = require "fibril.log"
 
 local type, error, setmetatable, getmetatable, rawget, tostring, ipairs, xpcall, pcall =
       type, error, setmetatable, getmetatable, rawget, tostring, ipairs, xpcall, pcall
-local random, min, format = math.random, math.min, string.format
+local random, min, max, format = math.random, math.min, math.max, string.format
 local now, sleep, schedule, cancel = fibril.now, fibril.sleep, fibril.schedule, fibril.cancel
 local set_context, with_traceback = core.set_context, executor.with_traceback
 
@@ -190,17 +190,19 @@ function Supervisor:stop_runs(timeout)
     if run.phase ~= "cleanup" then cancel(run.fiber) end
     fibers[i] = run.fiber
   end
-  if #fibers == 0 then return true end
-  local ok = pcall(fibril.await_all, fibers, { timeout = timeout or self.stop_timeout })
-  if not ok then
-    for _, run in ipairs(runs) do
-      local s = run.fiber:status()
-      if s ~= "done" and s ~= "failed" and s ~= "cancelled" then
-        log.warn("daemon did not stop in time", { daemon = run.name, timeout = timeout or self.stop_timeout })
-      end
+  -- Each fiber on its own: one that ended cancelled (before it ever ran) must not cut the
+  -- wait for the others short. One deadline for all.
+  timeout = timeout or self.stop_timeout
+  local deadline, all = now() + timeout, true
+  for i, f in ipairs(fibers) do
+    pcall(fibril.await, f, { timeout = max(0, deadline - now()) })
+    local s = f:status()
+    if s ~= "done" and s ~= "failed" and s ~= "cancelled" then
+      log.warn("daemon did not stop in time", { daemon = runs[i].name, timeout = timeout })
+      all = false
     end
   end
-  return ok
+  return all
 end
 
 --- Stops the daemons for good (shutdown): no restart, no reload any more.
