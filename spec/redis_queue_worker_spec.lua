@@ -64,6 +64,28 @@ describe("the redis_queue_worker example", function()
     end
   end)
 
+  it("sets aside a job the endpoint refuses (4xx) and goes on with the next", function()
+    conn:rpush(key, "not json{", '{"id":7}')
+    h = support.start_app(EXAMPLE, "--env test", { QUEUE_KEY = key })
+    local deadline = fibril.now() + 5
+    while conn:llen(key .. ":delivered") < 1 and fibril.now() < deadline do fibril.sleep(0.02) end
+    assert.are.same({ "not json{" }, conn:lrange(key .. ":dead", 0, -1))
+    assert.matches("^7 ", conn:lindex(key .. ":delivered", 0))
+  end)
+
+  it("keeps the job queued and backs off while the endpoint cannot be reached", function()
+    conn:rpush(key, '{"id":1}')
+    h = support.start_app(EXAMPLE, "--env test",
+                          { QUEUE_KEY = key, DELIVER_URL = "http://127.0.0.1:1/deliver" })
+    local deadline = fibril.now() + 5
+    while support.count(h.log(), "daemon failed: restarting") < 3 and fibril.now() < deadline do
+      fibril.sleep(0.02)
+    end
+    assert.is_true(support.count(h.log(), "daemon failed: restarting") >= 3, h.log())
+    assert.matches("connection refused", h.log(), 1, true)
+    assert.are.same({ '{"id":1}' }, conn:lrange(key, 0, -1))
+  end)
+
   it("puts the job in hand back at the head of the queue when stopped mid-wait", function()
     -- rate 0.5/s: after the first job, the consumer holds the second while it waits 2 s.
     assert.are.equal(0, support.run(("'%s/produce.lua' 3 '%s'"):format(EXAMPLE, key)))
