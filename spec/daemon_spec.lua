@@ -316,6 +316,12 @@ describe("daemons in a served app", function()
     assert.are_not.equal(each[1]:match("^%d+"), each[2]:match("^%d+"))
     assert.are.equal(1, #node)
     assert.matches("/1$", node[1])
+    -- worker 1 dies: the master restarts it, and the node daemon comes back with it
+    os.execute("kill -KILL " .. node[1]:match("^%d+"))
+    eventually(function() return #starts("node") >= 2 end, 10, "the node daemon back in a new worker 1")
+    node = starts("node")
+    assert.are_not.equal(node[1], node[2])
+    assert.matches("/1$", node[2])
   end)
 
   it("fail the boot naming the file when a daemon file does not return a daemon", function()
