@@ -121,16 +121,21 @@ describe("a daemon supervisor", function()
     assert.is_true(performed >= cleaned and performed <= cleaned + 1)
   end)
 
-  it("runs each perform as a unit of work tagged with the daemon's name", function()
+  it("runs each perform as a unit of work tagged with the daemon's name, fresh each run", function()
     local seen
     local D = Daemon:extend("Tagged")
-    function D.perform()
-      seen = { active = executor.active(), tag = log.tags().daemon, locals = executor.locals() ~= nil }
+    function D:perform()
+      if self.attempt == 1 then
+        log.tag("job", 7)                 -- this run's tag: the next run must not see it
+        executor.locals().x = 1
+        error("first run fails")
+      end
+      seen = { active = executor.active(), tags = log.tags(), x = executor.locals().x }
       fibril.sleep(10)
     end
-    sup = Daemon.start(fake_app({ D }))
+    sup = Daemon.start(fake_app({ D }, 0.01))
     eventually(function() return seen end)
-    assert.are.same({ active = true, tag = "Tagged", locals = true }, seen)
+    assert.are.same({ active = true, tags = { daemon = "Tagged" } }, seen)
   end)
 
   it("stops a daemon on stop(): perform is cancelled, cleanup runs once, no restart follows", function()

@@ -105,21 +105,28 @@ local function run_once(inst)
   if not cok then error(cerr, 0) end
 end
 
+-- The backoff settings, read at each restart: a reload may change config.
+local function backoff_settings(app)
+  local d = app.config and app.config.daemons or {}
+  return { min = d.backoff_min or Daemon.BACKOFF_MIN, max = d.backoff_max or Daemon.BACKOFF_MAX,
+           reset_after = d.reset_after or Daemon.RESET_AFTER }
+end
+
 -- The fiber of one daemon: run, wait with backoff, run again, until stopped.
 local function supervise(sup, run)
   set_context(nil)                      -- each run is a unit of its own, whoever started us
-  local class, name, cfg = run.class, run.name, sup.backoff
-  local delay, attempt = cfg.min, 0
-  local tags = { daemon = name }
+  local class, name = run.class, run.name
+  local delay, attempt = backoff_settings(sup.app).min, 0
   while not run.stopping do
     attempt = attempt + 1
     local inst = setmetatable({ name = name, app = sup.app, attempt = attempt, _run = run }, class)
     local started = now()
     log.debug("daemon started", { daemon = name, attempt = attempt })
-    local ok, err = executor.call(run_once, tags, inst)
+    -- Fresh tags each run: log.tag adds to this table for the rest of the unit.
+    local ok, err = executor.call(run_once, { daemon = name }, inst)
     if run.stopping then break end
     local wait
-    wait, delay = Daemon.backoff(delay, now() - started, cfg)
+    wait, delay = Daemon.backoff(delay, now() - started, backoff_settings(sup.app))
     local fields = { daemon = name, attempt = attempt, delay = format("%.3f", wait) }
     if ok then
       log.warn("daemon returned: restarting", fields)
@@ -157,11 +164,8 @@ end
 ---@return table supervisor with stop(), names()
 function Daemon.start(app, opts)
   if type(app) ~= "table" then error("Daemon.start: expected an app table", 2) end
-  local d = app.config and app.config.daemons or {}
   local sup = setmetatable({
     app = app, worker = opts and opts.worker, runs = {},
-    backoff = { min = d.backoff_min or Daemon.BACKOFF_MIN, max = d.backoff_max or Daemon.BACKOFF_MAX,
-                reset_after = d.reset_after or Daemon.RESET_AFTER },
     stop_timeout = app.config and app.config.http and app.config.http.drain_timeout or 30,
   }, Supervisor)
   start_all(sup, app.daemons or {})
