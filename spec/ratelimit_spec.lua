@@ -144,6 +144,27 @@ describe("fibril.ratelimit in Redis", function()
     rl:close()
   end)
 
+  it("raises timeout at once without reserving, and gives tokens back on cancel", function()
+    local k = key()
+    local rl = ratelimit.new{ rate = 2, burst = 1, redis = conn, key = k }
+    rl:take()
+    local ok, err = pcall(rl.take, rl, 1, { timeout = 0.1 })
+    assert.is_false(ok)
+    assert.are.equal("timeout", err.code)
+    local stored = ratelimit.KEY_PREFIX .. k
+    assert.is_true(tonumber(conn:hget(stored, "tokens")) > -0.5)        -- nothing reserved
+    -- a URL limiter: its own connection, so the cancel leaves `conn` alone
+    local rl2 = ratelimit.new{ rate = 2, burst = 1, redis = REDIS_URL, key = k }
+    local f = fibril.schedule(function() rl2:take() end)
+    fibril.sleep(0.05)
+    assert.is_true(tonumber(conn:hget(stored, "tokens")) < -0.5)        -- reserved while waiting
+    f:cancel()
+    assert.is_false(pcall(fibril.await, f))
+    fibril.sleep(0.02)
+    assert.is_true(tonumber(conn:hget(stored, "tokens")) > -0.5)        -- given back
+    rl2:close()
+  end)
+
   it("runs the script with EVAL when the server lost it (NOSCRIPT), and caches it again", function()
     local rl = ratelimit.new{ rate = 100, burst = 5, redis = conn, key = key() }
     assert.is_true(rl:try())
