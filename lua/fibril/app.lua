@@ -75,7 +75,13 @@ local function load_daemons(dir)
   end
   local names = {}
   for _, e in ipairs(entries) do
-    local base = e.type ~= "dir" and e.name:match("^([%w_]+)%.lua$")
+    -- Hidden files (editor locks) are skipped; a dot inside the name would make require
+    -- look in a subdirectory, so it is an error rather than a file silently left out.
+    local base = e.type ~= "dir" and e.name:match("^([^.].*)%.lua$")
+    if base and base:find(".", 1, true) then
+      boot_error(format("%s/daemons/%s: a daemon file's name cannot contain '.' (require reads "
+                        .. "it as a directory)", dir, e.name))
+    end
     if base then names[#names + 1] = base end
   end
   sort(names)
