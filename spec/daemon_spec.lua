@@ -176,6 +176,23 @@ describe("a daemon supervisor", function()
     assert.matches('msg="daemon stopped"', lines[#lines], 1, true)
   end)
 
+  it("gives up on a daemon that swallows the stop, after the timeout, and says so", function()
+    local release = false
+    local D = Daemon:extend("Stubborn")
+    function D.perform()
+      while not release do pcall(fibril.sleep, 0.01) end   -- catches "cancelled" too
+    end
+    local lines = capture_log()
+    local s = Daemon.start(fake_app({ D }))
+    fibril.sleep(0.02)
+    local t0 = fibril.now()
+    assert.is_false(s:stop(0.2))
+    assert.is_true(fibril.now() - t0 >= 0.19)
+    assert.matches('msg="daemon did not stop in time" daemon=Stubborn', table.concat(lines, "\n"))
+    release = true                        -- let it end, for the leak check
+    fibril.sleep(0.05)
+  end)
+
   it("waits for a cleanup under way instead of cancelling it", function()
     local finished = false
     local D = Daemon:extend("SlowCleanup")
