@@ -10,8 +10,8 @@
 ---   if rl:try(2) then ... end
 local fibril = require "fibril"
 
-local type, error, setmetatable, tostring, tonumber, pcall, getmetatable =
-      type, error, setmetatable, tostring, tonumber, pcall, getmetatable
+local type, error, setmetatable, tostring, tonumber, pcall =
+      type, error, setmetatable, tostring, tonumber, pcall
 local ceil, min, huge, format, find = math.ceil, math.min, math.huge, string.format, string.find
 local now, sleep = fibril.now, fibril.sleep
 
@@ -135,12 +135,13 @@ Remote.__index = Remote
 
 local sha                          -- the script's SHA1, learned once per process (SCRIPT LOAD)
 
--- The connection: the one given, or one made from the URL on first use (and again after it
--- was dropped). connect can suspend, so it is never done in new().
+-- The connection: the one given (used as it is: its calls say why when it is closed), or
+-- one made from the URL on first use and again after it was dropped. connect can suspend,
+-- so it is never done in new().
 local function conn_of(self)
   local c = self._conn
+  if not self._url then return c end
   if c and not c:is_closed() then return c end
-  if not self._url then return c end           -- the caller's connection: its calls will say why
   local fresh = require("fibril.redis").connect(self._url)
   if self._conn and not self._conn:is_closed() then   -- another fiber connected meanwhile
     fresh:close()
@@ -221,7 +222,7 @@ function M.new(opts)
   local self = setmetatable({ rate = rate, burst = burst, _key = M.KEY_PREFIX .. key }, Remote)
   if type(opts.redis) == "string" then
     self._url = opts.redis
-  elseif type(opts.redis) == "table" and getmetatable(opts.redis) and opts.redis.call then
+  elseif type(opts.redis) == "table" and type(opts.redis.call) == "function" then
     self._conn = opts.redis
   else
     error("ratelimit.new: redis must be a URL or a connection from fibril.redis", 2)
