@@ -8,9 +8,12 @@ local REDIS_URL = os.getenv("REDIS_URL")
 local EXAMPLE = "examples/redis_queue_worker"
 
 describe("the redis_queue_worker example", function()
+  if not REDIS_URL then
+    pending("needs REDIS_URL (run under scripts/with-services)")
+    return
+  end
   local conn, h, key
   before_each(function()
-    if not REDIS_URL then pending("REDIS_URL is not set (run under scripts/with-services)") end
     conn = redis.connect(REDIS_URL)
     key = "spec:jobs:" .. math.random(1e9)
   end)
