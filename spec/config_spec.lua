@@ -47,6 +47,7 @@ local DESIGN_DEFAULTS = {
   http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil },
   deferred = { backend = "journal", path = "storage/deferred", concurrency = 16,
                retries = 20, fsync = "always" },
+  daemons = { backoff_min = 0.1, backoff_max = 30, reset_after = 60 },   -- docs/daemons.md
 }
 
 describe("config.defaults", function()

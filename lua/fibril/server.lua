@@ -7,8 +7,9 @@ local Controller = require "fibril.controller"
 local static = require "fibril.static"
 local executor = require "fibril.executor"
 
-local tostring, pairs, setmetatable, rawset, rawget, concat, format, os_getenv =
-      tostring, pairs, setmetatable, rawset, rawget, table.concat, string.format, os.getenv
+local tostring, tonumber, pairs, pcall, setmetatable, rawset, rawget, concat, format, os_getenv =
+      tostring, tonumber, pairs, pcall, setmetatable, rawset, rawget, table.concat, string.format,
+      os.getenv
 local stderr = io.stderr
 
 local M = {}
@@ -117,9 +118,11 @@ function M.listen(app, handler)
 end
 
 --- Waits for SIGTERM or SIGINT, then drains: stops accepting, lets requests in flight finish
---- for up to drain_timeout seconds, and returns.
-function M.drain_on_signal(app, server)
+--- for up to drain_timeout seconds, and returns. on_signal(name), when given, is called as
+--- the signal arrives, before the drain (the daemons start stopping meanwhile).
+function M.drain_on_signal(app, server, on_signal)
   local name = signal.wait("SIGTERM", "SIGINT")
+  if on_signal then on_signal(name) end
   local deadline = fibril.now() + app.config.http.drain_timeout
   log("info", "draining", { signal = name, connections = server:connections() })
   server:close()
@@ -130,17 +133,24 @@ function M.drain_on_signal(app, server)
   end
 end
 
---- Runs the app in this process until a signal drains it. Returns the exit status.
+--- Runs the app in this process until a signal drains it: the server, the reloader in
+--- development, the daemons that belong here. Returns the exit status.
 function M.run(app)
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
   local server = M.listen(app)
+  app.port = server:port()                  -- the bound port (config may say 0), for daemons
   local reloading = app.config.reload and app.env ~= "production"
                     and require("fibril.reloader").start(app)
+  -- Daemons: docs/daemons.md (node-scoped ones run in worker 1 or the single process).
+  local daemons = require("fibril.daemon").start(app, { worker = tonumber(os_getenv("FIBRIL_WORKER") or "") })
   log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
                              env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main",
                              reload = reloading and "on" or "off" })
-  M.drain_on_signal(app, server)
+  -- On the signal, the daemons stop (cleanup) while the server drains: both within drain_timeout.
+  local stopping
+  M.drain_on_signal(app, server, function() stopping = fibril.schedule(daemons.stop, daemons) end)
+  pcall(fibril.await, stopping)
   if reloading then reloading.stop() end
   return 0
 end
