@@ -206,6 +206,33 @@ describe("fibril.sse", function()
     s:close()
   end)
 
+  it("reaches the streams of every worker with --workers 2 (the master relays)", function()
+    local app = support.start_app("spec/fixtures/sse_browser", "--env test --workers 2")
+    local socks, seen = {}, {}
+    for _ = 1, 40 do                             -- the kernel spreads connections over workers
+      local sock = support.connect(app.port)
+      sock:write("GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+      local res = support.read_response(sock, true)
+      assert.are.equal(200, res.status)
+      socks[#socks + 1] = sock
+      seen[res.headers["x-worker"]] = true
+      if seen["1"] and seen["2"] then break end
+    end
+    assert.is_true(seen["1"] and seen["2"], "every stream landed on one worker")
+    for _, sock in ipairs(socks) do read_events(sock, 1) end   -- ": ok"
+    for i = 1, 3 do
+      assert.are.equal("ok", post(app.port, "/say", "relayed " .. i))
+    end
+    for _, sock in ipairs(socks) do
+      local events = read_events(sock, 3)
+      assert.are.equal(3, #events)
+      for i = 1, 3 do assert.matches("data: relayed " .. i .. "$", events[i]) end
+      sock:close()
+    end
+    app.stop("TERM")
+    assert.is_true(app.wait_exit(15))
+  end)
+
   describe("pubsub.next (long polling)", function()
     after_each(function() pubsub.use(nil) end)
 

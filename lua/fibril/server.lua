@@ -152,6 +152,7 @@ function M.run(app)
   M.drain_on_signal(app, server, function() stopping = fibril.schedule(daemons.stop, daemons) end)
   pcall(fibril.await, stopping)
   if reloading then reloading.stop() end
+  require("fibril.pubsub").use(nil)        -- its reader and relay fibers end with the server
   return 0
 end
 

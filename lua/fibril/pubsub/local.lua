@@ -1,13 +1,13 @@
 --- fibril.pubsub.local: the in-process adapter. publish queues the message and returns; one
 --- dispatching fiber (running while there is work) delivers messages in publish order, each
 --- handler call a unit of work, so a slow or failing handler never runs inside the publisher.
---- With --workers N, relaying between worker processes is the SSE issue's work (issue 8).
+--- With --workers N the master relays every message to the other workers (pubsub/relay.lua).
 local executor = require "fibril.executor"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 
-local setmetatable, tostring, type, remove, pcall = setmetatable, tostring, type, table.remove,
-      pcall
+local setmetatable, tostring, tonumber, type, remove, pcall = setmetatable, tostring, tonumber,
+      type, table.remove, pcall
 local spawn, set_context = fcore.spawn, fcore.set_context
 
 local M = {}
@@ -16,9 +16,22 @@ local LocalMT = { __index = Local }
 local Sub = {}
 local SubMT = { __index = Sub }
 
+local enqueue
+
+-- In a worker of `--workers N` (the master gave FIBRIL_RELAY_PORT): messages are relayed
+-- through the master to the other workers (fibril.pubsub.relay), and ids carry the worker.
 function M.new()
-  return setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false,
-                        seq = 0, taps = {} }, LocalMT)
+  local self = setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false,
+                              seq = 0, taps = {}, prefix = "" }, LocalMT)
+  local port = tonumber(os.getenv("FIBRIL_RELAY_PORT") or "")
+  if port then
+    local worker = os.getenv("FIBRIL_WORKER") or "0"
+    self.prefix = worker .. "-"
+    self.link = require("fibril.pubsub.relay").link(port, worker, function(channel, id, message)
+      enqueue(self, channel, id, message)
+    end)
+  end
+  return self
 end
 
 -- Calls each handler of channel with message, each a unit of work (framework-internal raw
@@ -58,12 +71,10 @@ end
 
 --- Queues message for the handlers of channel; returns how many there are, and the
 --- message's id (a decimal counter, increasing within the process).
-function Local:publish(channel, message)
-  local seq = self.seq + 1
-  self.seq = seq
-  local id = tostring(seq)
+-- Records message for the taps and queues it for the handlers of channel.
+enqueue = function(self, channel, id, message)
   for i = 1, #self.taps do self.taps[i](message, channel, id) end
-  if not self.channels[channel] then return 0, id end
+  if not self.channels[channel] then return 0 end
   local n = self.tail
   self.queue[n + 1], self.queue[n + 2], self.queue[n + 3] = channel, message, id
   self.tail = n + 3
@@ -71,7 +82,15 @@ function Local:publish(channel, message)
     self.running = true
     spawn(dispatch, self)
   end
-  return #self.channels[channel], id
+  return #self.channels[channel]
+end
+
+function Local:publish(channel, message)
+  local seq = self.seq + 1
+  self.seq = seq
+  local id = self.prefix .. seq
+  if self.link then self.link:send(channel, id, message) end
+  return enqueue(self, channel, id, message), id
 end
 
 --- Calls fn(message, channel, id) for every message published, synchronously (the replay
@@ -79,6 +98,9 @@ end
 function Local:tap(fn) self.taps[#self.taps + 1] = fn end
 
 function Local:subscribe(channel, fn, opts)
+  -- The first subscriber of a worker waits for the relay stream: from then on, what any
+  -- worker publishes reaches it.
+  if self.link and not self.link.connected then self.link:wait_ready(2) end
   local list = self.channels[channel]
   if not list then list = {}; self.channels[channel] = list end
   local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true,
@@ -105,6 +127,7 @@ function Local:close()
   end
   self.channels = {}
   self.taps = {}
+  if self.link then self.link:close(); self.link = nil end
 end
 
 return M
