@@ -94,8 +94,7 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   server_maybe_free(srv);
 }
 
-static void on_timeout(uv_timer_t *t) {
-  fb_http_conn_t *c = t->data;
+static void on_deadline(fb_http_conn_t *c) {
   switch (c->state) {
   case CS_IDLE:                    /* idle keep-alive, or a response the client never read */
     if (c->write_queued)
@@ -116,9 +115,37 @@ static void on_timeout(uv_timer_t *t) {
   }
 }
 
-static void arm_timer(fb_http_conn_t *c, uint64_t ms) {
-  if (ms == 0) uv_timer_stop(&c->timer);
-  else uv_timer_start(&c->timer, on_timeout, ms, 0);
+/* The timer fires at timer_due; the deadline may have moved later since (or gone): then it
+ * only re-arms for the rest. */
+static void on_timer(uv_timer_t *t) {
+  fb_http_conn_t *c = t->data;
+  uint64_t now = uv_now(H.loop);
+  c->timer_due = 0;
+  if (c->deadline == 0) return;
+  if (now < c->deadline) {
+    uv_timer_start(&c->timer, on_timer, c->deadline - now, 0);
+    c->timer_due = c->deadline;
+    return;
+  }
+  c->deadline = 0;
+  on_deadline(c);
+}
+
+/* Sets the connection's one deadline, ms from now (0: none). Only a deadline earlier than the
+ * one the timer is armed for moves the timer: a keep-alive request sets three deadlines (head,
+ * none, keep-alive) and most requests touch libuv's timer heap not at all. */
+void fb_http_arm_timer(fb_http_conn_t *c, uint64_t ms) {
+  uint64_t due;
+  if (ms == 0) {
+    c->deadline = 0;
+    return;
+  }
+  due = uv_now(H.loop) + ms;
+  c->deadline = due;
+  if (c->timer_due == 0 || due < c->timer_due) {
+    uv_timer_start(&c->timer, on_timer, ms, 0);
+    c->timer_due = due;
+  }
 }
 
 void fb_http_write_progress(fb_http_conn_t *c) {
@@ -126,11 +153,11 @@ void fb_http_write_progress(fb_http_conn_t *c) {
   if (c->closes) return;
   switch (c->state) {
   case CS_IDLE:
-    arm_timer(c, c->write_queued ? lim->send_timeout_ms : lim->keepalive_timeout_ms);
+    fb_http_arm_timer(c, c->write_queued ? lim->send_timeout_ms : lim->keepalive_timeout_ms);
     break;
   case CS_DISPATCHED:              /* the handler runs as long as it likes; a stuck client not */
   case CS_CLOSING:
-    arm_timer(c, c->write_queued ? lim->send_timeout_ms : 0);
+    fb_http_arm_timer(c, c->write_queued ? lim->send_timeout_ms : 0);
     break;
   default:                         /* reading a request: its own timer applies */
     break;
@@ -218,7 +245,7 @@ static void on_connection(uv_stream_t *ls, int status) {
     fb_http_send_error(c, 503);
     return;
   }
-  arm_timer(c, srv->limits.header_timeout_ms);
+  fb_http_arm_timer(c, srv->limits.header_timeout_ms);
   start_reading(c);
 }
 
@@ -242,7 +269,7 @@ static int on_message_begin(llhttp_t *p) {
   c->status = 0;
   c->state = CS_HEAD;
   c->started_ns = uv_hrtime();
-  arm_timer(c, c->srv->limits.header_timeout_ms);
+  fb_http_arm_timer(c, c->srv->limits.header_timeout_ms);
   return 0;
 }
 
@@ -298,7 +325,17 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 static const char *bad_line_end_in_head(fb_http_conn_t *c, const char *data, size_t len) {
   size_t i;
   for (i = 0; i < len && c->head_scan != 4; i++) {
-    char ch = data[i];
+    char ch;
+    if (c->head_scan == 0) {
+      /* Outside a line end only the byte before the next LF matters: jump to it. */
+      const char *lf = memchr(data + i, '\n', len - i);
+      size_t j = lf ? (size_t)(lf - data) : len;
+      if (j >= i + 2) {
+        c->scan_prev = data[j - 2];
+        i = j - 1;
+      }
+    }
+    ch = data[i];
     if (ch == '\n' && c->scan_prev != '\r') return "bare_lf";
     if ((ch == ' ' || ch == '\t') && c->head_scan == 2) return "obs_fold";
     /* head_scan counts the bytes of CR LF CR LF seen so far */
@@ -345,7 +382,7 @@ static int on_headers_complete(llhttp_t *p) {
         return HPE_USER;                     /* the connection is closing: parse no further */
     }
     c->state = CS_BODY;
-    arm_timer(c, lim->body_timeout_ms);
+    fb_http_arm_timer(c, lim->body_timeout_ms);
   }
   return 0;
 }
@@ -354,7 +391,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   fb_http_conn_t *c = p->data;
   if (c->closes) return HPE_USER;
   if (fb_buf_append(&c->body, at, len) != 0) return fail(c, 413, "body_too_large");
-  arm_timer(c, c->srv->limits.body_timeout_ms);    /* idle time, so re-armed per chunk */
+  fb_http_arm_timer(c, c->srv->limits.body_timeout_ms);    /* idle time, so re-armed per chunk */
   return 0;
 }
 
@@ -467,7 +504,7 @@ static int on_message_complete(llhttp_t *p) {
   fb_http_conn_t *c = p->data;
   if (c->closes) return HPE_USER;            /* never dispatch on a closing connection */
   c->state = CS_DISPATCHED;
-  uv_timer_stop(&c->timer);
+  fb_http_arm_timer(c, 0);
   dispatch(c);
   return HPE_PAUSED;                         /* the next request waits for this response */
 }

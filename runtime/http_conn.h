@@ -48,7 +48,9 @@ typedef struct {
 
 struct fb_http_conn_s {
   uv_tcp_t tcp;             /* first: the handle's pointer is the connection's */
-  uv_timer_t timer;         /* header, body or keep-alive timeout, whichever applies */
+  uv_timer_t timer;         /* fires at timer_due for the deadline below (fb_http_arm_timer) */
+  uint64_t deadline;        /* loop ms of the header, body, keep-alive or send timeout, or 0 */
+  uint64_t timer_due;       /* when the timer fires, or 0 when it is not armed */
   llhttp_t parser;
   fb_http_server_t *srv;
   fb_http_conn_t *next, *prev;
@@ -87,6 +89,8 @@ struct fb_http_conn_s {
 
 /* http.c */
 void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the close callbacks */
+/* The connection's timeout (header, body, keep-alive or send, by state): ms from now, 0 none. */
+void fb_http_arm_timer(fb_http_conn_t *c, uint64_t ms);
 /* The response's bytes are stuck or moving: re-arms the send timeout while some are queued
  * (the client must keep reading), or the keep-alive timeout once an idle connection's are out. */
 void fb_http_write_progress(fb_http_conn_t *c);
