@@ -34,6 +34,9 @@ local request_mt = { __index = function(req, k)
   end
 end }
 
+local respond = Controller.respond
+local SENT = {}                -- serve() returns it when res:send has answered the request
+
 local function plain(res, status, body, headers)
   res:send(status, headers or TEXT, body)
 end
@@ -65,16 +68,16 @@ function M.handler(app)
       return plain(res, 404, "Not Found\n")
     end
     if route.handler then return route.handler(req, res, params) end
-    local out = Controller.dispatch(app.controllers[route.controller], route.action, req, params,
-                                    route.controller)
-    return res:send(out.status, out.headers, out.body)
+    res:send(respond(app.controllers[route.controller], route.action, req, params, route.controller))
+    return SENT
   end
 
   -- Each request is one unit of work (docs/executor.md), tagged with its request id.
   local call = executor.call
   return function(req, res)
-    local ok, err = call(serve, { req = req.id }, req, res)
+    local ok, err = call(serve, { req = req.id }, req, res)    -- err: serve's result when ok
     if ok then
+      if err == SENT then return end           -- answered (or the client left) by res:send
       -- A function route that forgot to answer must not leave the client waiting forever.
       if not res:started() then
         log("error", "handler returned without a response", { req = req.id, path = req.path })
