@@ -10,8 +10,8 @@ local json = require "fibril.json"
 local url = require "fibril.url"
 local executor = require "fibril.executor"
 
-local type, error, pairs, ipairs, setmetatable, rawget, tostring, xpcall =
-      type, error, pairs, ipairs, setmetatable, rawget, tostring, xpcall
+local type, error, pairs, ipairs, next, setmetatable, rawget, tostring, xpcall =
+      type, error, pairs, ipairs, next, setmetatable, rawget, tostring, xpcall
 local find, gsub, lower, format, match = string.find, string.gsub, string.lower,
                                          string.format, string.match
 local concat = table.concat
@@ -194,7 +194,9 @@ local headers_mt = { __index = header_index }
 ---@return table|nil params, string|nil error (an unparsable body)
 local function build_params(req, path_params)
   local params = {}
-  for k, v in pairs(path_params) do params[k] = v end
+  if next(path_params) ~= nil then           -- (a loop that never runs stops the JIT's trace)
+    for k, v in pairs(path_params) do params[k] = v end
+  end
   if req.query then url.parse_query(req.query, params) end
   local body = req.body
   if body and body ~= "" then
