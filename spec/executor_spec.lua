@@ -107,6 +107,18 @@ describe("fibril.executor", function()
     assert.matches('msg="after the unit"$', lines[3])
   end)
 
+  it("tags log lines with req=id when call is given a request id, and log.tag adds to it", function()
+    local lines = capture_log()
+    assert.is_true((executor.call(function()
+      log.info("first")
+      assert.are.same({ req = "r-2" }, log.tags())
+      log.tag("account", 8)
+      fibril.await(fibril.schedule(function() log.info("in a child fiber") end))
+    end, "r-2")))
+    assert.matches('msg=first req=r%-2$', lines[1])
+    assert.matches('msg="in a child fiber" req=r%-2 account=8$', lines[2])
+  end)
+
   it("leaves the calling fiber without a context after the unit", function()
     local core = require "fibril.core.fiber"
     assert.is_nil(core.context())

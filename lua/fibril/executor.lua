@@ -95,12 +95,15 @@ end
 
 --- Like wrap, but never raises the unit's error: returns true, results... or false, err (the
 --- error object, with its traceback). The framework's own units use this.
----@param tags table|nil log tags for the unit ({ req = id })
+---@param tags table|string|nil log tags for the unit ({ req = id }); a string is a request
+--- id, the tag req=id (fibril.log makes the tags table only if a line is logged)
 function M.call(fn, tags, ...)
   local previous = context()
   if previous and previous.active then return xpcall(fn, add_traceback, ...) end
   if before_unit then before_unit() end
-  local ctx = { active = true, tags = tags }
+  local ctx
+  if type(tags) == "string" then ctx = { active = true, req = tags }
+  else ctx = { active = true, tags = tags } end
   if not set_context(ctx) then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end

@@ -75,7 +75,7 @@ function M.handler(app)
   -- Each request is one unit of work (docs/executor.md), tagged with its request id.
   local call = executor.call
   return function(req, res)
-    local ok, err = call(serve, { req = req.id }, req, res)    -- err: serve's result when ok
+    local ok, err = call(serve, req.id, req, res)    -- err: serve's result when ok
     if ok then
       if err == SENT then return end           -- answered (or the client left) by res:send
       -- A function route that forgot to answer must not leave the client waiting forever.
