@@ -94,76 +94,6 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   server_maybe_free(srv);
 }
 
-static void on_deadline(fb_http_conn_t *c) {
-  switch (c->state) {
-  case CS_IDLE:                    /* idle keep-alive, or a response the client never read */
-    if (c->write_queued)
-      fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
-    fb_http_conn_close(c);
-    break;
-  case CS_HEAD:
-  case CS_BODY:
-    fb_log(FB_WARN, "http", "conn=%u reason=%s status=408", c->id,
-           c->state == CS_HEAD ? "header_timeout" : "body_timeout");
-    fb_http_send_error(c, 408);
-    break;
-  case CS_DISPATCHED:
-  case CS_CLOSING:                 /* armed only while response bytes are stuck */
-    fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
-    fb_http_conn_close(c);
-    break;
-  }
-}
-
-/* The timer fires at timer_due; the deadline may have moved later since (or gone): then it
- * only re-arms for the rest. */
-static void on_timer(uv_timer_t *t) {
-  fb_http_conn_t *c = t->data;
-  uint64_t now = uv_now(H.loop);
-  c->timer_due = 0;
-  if (c->deadline == 0) return;
-  if (now < c->deadline) {
-    uv_timer_start(&c->timer, on_timer, c->deadline - now, 0);
-    c->timer_due = c->deadline;
-    return;
-  }
-  c->deadline = 0;
-  on_deadline(c);
-}
-
-/* Sets the connection's one deadline, ms from now (0: none). Only a deadline earlier than the
- * one the timer is armed for moves the timer: a keep-alive request sets three deadlines (head,
- * none, keep-alive) and most requests touch libuv's timer heap not at all. */
-void fb_http_arm_timer(fb_http_conn_t *c, uint64_t ms) {
-  uint64_t due;
-  if (ms == 0) {
-    c->deadline = 0;
-    return;
-  }
-  due = uv_now(H.loop) + ms;
-  c->deadline = due;
-  if (c->timer_due == 0 || due < c->timer_due) {
-    uv_timer_start(&c->timer, on_timer, ms, 0);
-    c->timer_due = due;
-  }
-}
-
-void fb_http_write_progress(fb_http_conn_t *c) {
-  fb_http_limits_t *lim = &c->srv->limits;
-  if (c->closes) return;
-  switch (c->state) {
-  case CS_IDLE:
-    fb_http_arm_timer(c, c->write_queued ? lim->send_timeout_ms : lim->keepalive_timeout_ms);
-    break;
-  case CS_DISPATCHED:              /* the handler runs as long as it likes; a stuck client not */
-  case CS_CLOSING:
-    fb_http_arm_timer(c, c->write_queued ? lim->send_timeout_ms : 0);
-    break;
-  default:                         /* reading a request: its own timer applies */
-    break;
-  }
-}
-
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   /* One buffer serves every connection: a read is parsed or copied before the next one. */
   static char chunk[READ_CHUNK];
@@ -382,7 +312,8 @@ static int on_headers_complete(llhttp_t *p) {
         return HPE_USER;                     /* the connection is closing: parse no further */
     }
     c->state = CS_BODY;
-    fb_http_arm_timer(c, lim->body_timeout_ms);
+    c->body_due = lim->body_deadline_ms ? uv_now(H.loop) + lim->body_deadline_ms : 0;
+    fb_http_arm_body_timer(c);
   }
   return 0;
 }
@@ -391,7 +322,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   fb_http_conn_t *c = p->data;
   if (c->closes) return HPE_USER;
   if (fb_buf_append(&c->body, at, len) != 0) return fail(c, 413, "body_too_large");
-  fb_http_arm_timer(c, c->srv->limits.body_timeout_ms);    /* idle time, so re-armed per chunk */
+  fb_http_arm_body_timer(c);        /* idle time, so re-armed per chunk */
   return 0;
 }
 
@@ -677,11 +608,13 @@ static int l_listen(lua_State *L) {
   srv->limits.header_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 10) * 1000);
   lua_getfield(L, 1, "body_timeout");
   srv->limits.body_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
+  lua_getfield(L, 1, "body_deadline");
+  srv->limits.body_deadline_ms = (uint64_t)(luaL_optnumber(L, -1, 60) * 1000);
   lua_getfield(L, 1, "keepalive_timeout");
   srv->limits.keepalive_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 5) * 1000);
   lua_getfield(L, 1, "send_timeout");
   srv->limits.send_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
-  lua_pop(L, 4);
+  lua_pop(L, 5);
   lua_getfield(L, 1, "access_log");
   srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -110,7 +110,8 @@ function M.listen(app, handler)
     reuseport = cfg.workers > 1 or app.reuseport == true, access_log = cfg.log.access ~= false,
     max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
     max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
-    body_timeout = http.body_timeout, keepalive_timeout = http.keepalive_timeout,
+    body_timeout = http.body_timeout, body_deadline = http.body_deadline,
+    keepalive_timeout = http.keepalive_timeout,
     send_timeout = http.send_timeout,
     max_connections = http.max_connections, write_high_water = http.write_high_water,
   }
