@@ -392,7 +392,11 @@ static void dispatch(fb_http_conn_t *c) {
     lua_rawset(L, -3);
   }
   lua_rawgeti(L, keys, K_TARGET);
-  lua_pushlstring(L, url, c->url_len);
+  if (q) lua_pushlstring(L, url, c->url_len);
+  else {                                     /* the path again: no second string lookup */
+    lua_rawgeti(L, keys, K_PATH);
+    lua_rawget(L, -3);
+  }
   lua_rawset(L, -3);
   lua_rawgeti(L, keys, K_VERSION);
   lua_pushstring(L, c->http10 ? "1.0" : "1.1");

@@ -197,7 +197,8 @@ local function build_params(req, path_params)
   if next(path_params) ~= nil then           -- (a loop that never runs stops the JIT's trace)
     for k, v in pairs(path_params) do params[k] = v end
   end
-  if req.query then url.parse_query(req.query, params) end
+  local query = rawget(req, "query")         -- (no __index call for the usual absent query)
+  if query then url.parse_query(query, params) end
   local body = req.body
   if body and body ~= "" then
     local ctype = req.headers["content-type"] or ""
