@@ -72,8 +72,9 @@ function M.handler(app)
     return SENT
   end
 
-  -- Each request is one unit of work (docs/executor.md), tagged with its request id.
-  local call = executor.call
+  -- Each request is one unit of work (docs/executor.md), tagged with its request id, in the
+  -- fiber the HTTP server spawned for it.
+  local call = executor.call_new_fiber
   return function(req, res)
     local ok, err = call(serve, req.id, req, res)    -- err: serve's result when ok
     if ok then
