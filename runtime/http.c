@@ -198,7 +198,7 @@ static int on_message_begin(llhttp_t *p) {
   c->expect_continue = 0;
   c->status = 0;
   c->state = CS_HEAD;
-  c->started_ns = uv_hrtime();
+  if (c->srv->access_log) c->started_ns = uv_hrtime();   /* only the access log reads it */
   fb_http_arm_timer(c, c->srv->limits.header_timeout_ms);
   return 0;
 }
