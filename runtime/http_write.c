@@ -172,7 +172,7 @@ void fb_http_send_error(fb_http_conn_t *c, int status) {
                    status, reason, date_header(), strlen(reason) + 1, reason);
   uv_read_stop((uv_stream_t *)&c->tcp);
   c->reading = 0;
-  uv_timer_stop(&c->timer);
+  fb_http_arm_timer(c, 0);
   c->status = status;
   c->state = CS_CLOSING;
   if (fb_http_write(c, head, (size_t)n, NULL, 0) == 0 && c->write_queued == 0)

@@ -34,6 +34,7 @@ local DESIGN_DEFAULTS = {
     max_url_bytes    = 8192,
     header_timeout   = 10,
     body_timeout     = 30,
+    body_deadline    = 60,
     keepalive_timeout = 5,
     send_timeout = 30,
     max_connections  = 10000,

@@ -59,6 +59,7 @@ local SCHEMA = {
   ["http.max_url_bytes"]     = { "number",  8192,        positive_integer },
   ["http.header_timeout"]    = { "number",  10,          seconds },
   ["http.body_timeout"]      = { "number",  30,          seconds },
+  ["http.body_deadline"]     = { "number",  60,          seconds },   -- the whole body, total
   ["http.keepalive_timeout"] = { "number",  5,           seconds },
   ["http.send_timeout"]      = { "number",  30,          seconds },   -- a client that stops reading
   ["http.max_connections"]   = { "number",  10000,       positive_integer },

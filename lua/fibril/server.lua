@@ -35,6 +35,9 @@ local request_mt = { __index = function(req, k)
   end
 end }
 
+local respond = Controller.respond
+local SENT = {}                -- serve() returns it when res:send has answered the request
+
 local function plain(res, status, body, headers)
   res:send(status, headers or TEXT, body)
 end
@@ -66,17 +69,23 @@ function M.handler(app)
       return plain(res, 404, "Not Found\n")
     end
     if route.handler then return route.handler(req, res, params) end
-    local out = Controller.dispatch(app.controllers[route.controller], route.action, req, params,
-                                    route.controller)
-    if out.sse then return require("fibril.sse").serve(req, res, out.sse, out.headers) end
-    return res:send(out.status, out.headers, out.body)
+    local status, headers, body, stream = respond(app.controllers[route.controller], route.action,
+                                                  req, params, route.controller)
+    if stream then
+      require("fibril.sse").serve(req, res, stream, headers)
+      return SENT
+    end
+    res:send(status, headers, body)
+    return SENT
   end
 
-  -- Each request is one unit of work (docs/executor.md), tagged with its request id.
-  local call = executor.call
+  -- Each request is one unit of work (docs/executor.md), tagged with its request id, in the
+  -- fiber the HTTP server spawned for it.
+  local call = executor.call_new_fiber
   return function(req, res)
-    local ok, err = call(serve, { req = req.id }, req, res)
+    local ok, err = call(serve, req.id, req, res)    -- err: serve's result when ok
     if ok then
+      if err == SENT then return end           -- answered (or the client left) by res:send
       -- A function route that forgot to answer must not leave the client waiting forever.
       if not res:started() then
         log("error", "handler returned without a response", { req = req.id, path = req.path })
@@ -109,7 +118,8 @@ function M.listen(app, handler)
     reuseport = cfg.workers > 1 or app.reuseport == true, access_log = cfg.log.access ~= false,
     max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
     max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
-    body_timeout = http.body_timeout, keepalive_timeout = http.keepalive_timeout,
+    body_timeout = http.body_timeout, body_deadline = http.body_deadline,
+    keepalive_timeout = http.keepalive_timeout,
     send_timeout = http.send_timeout,
     max_connections = http.max_connections, write_high_water = http.write_high_water,
   }
