@@ -1,0 +1,195 @@
+--- fibril.pg.conn: one PostgreSQL connection (runtime/pg.c) with the Lua half of a query:
+--- parameters encoded, statements prepared automatically for repeated SQL, json and array
+--- columns finished, failures raised as error objects naming the app line that queried.
+local core = require "fibril.core.pg"
+local fcore = require "fibril.core.fiber"
+local types = require "fibril.pg.types"
+
+local type, error, tostring, getmetatable, setmetatable, pcall =
+      type, error, tostring, getmetatable, setmetatable, pcall
+local sub, find, match, format = string.sub, string.find, string.match, string.format
+local getinfo = debug.getinfo
+local m = core.methods
+local cquery, cquery_prepared, cprepare, cstate, cclose, cinfo, ctxstatus =
+      m.query, m.query_prepared, m.prepare, m.state, m.close, m.info, m.txstatus
+local new_error, ERROR_MT = fcore.error, fcore.error_metatable
+local encode, finish = types.encode, types.finish
+local LUA_DIR = require("fibril.core.vm").lua_dir
+
+local M = {}
+
+--- Statements prepared per connection at most; past it, new SQL runs unprepared.
+M.MAX_PREPARED = 256
+local MAX_SEEN = 1024
+
+-- "file:line" of the first frame outside fibril's own Lua modules: the app line that queried.
+local function app_where()
+  for level = 3, 40 do
+    local info = getinfo(level, "Sl")
+    if not info then return nil end
+    local src = info.source
+    if sub(src, 1, 1) == "@" and info.currentline > 0 and sub(src, 2, #LUA_DIR + 1) ~= LUA_DIR then
+      return sub(src, 2) .. ":" .. info.currentline
+    end
+  end
+end
+M.app_where = app_where
+
+-- Raises for a failed query: C's (nil, msg, code, fields), or the scheduler's timeout/cancel.
+local function raise(self, sql, msg, code, fields)
+  local at = app_where()
+  local suffix = at and (" (query at " .. at .. ")") or ""
+  if getmetatable(msg) == ERROR_MT then
+    if msg.code == "timeout" then
+      local after = type(msg.message) == "string" and match(msg.message, "timed out (after .*)$")
+      msg.message = "pg: query timed out " .. (after or "") .. " (" .. self._where
+                    .. "); it was cancelled on the server" .. suffix
+    end
+    msg.query = sql
+    error(msg, 0)
+  end
+  msg = tostring(msg)
+  local err
+  if code == "pg_error" then
+    err = new_error(code, "pg: " .. msg .. suffix)
+    if fields then
+      for k, v in pairs(fields) do err[k] = v end
+    end
+  else
+    if not find(msg, self._where, 1, true) then msg = msg .. " (" .. self._where .. ")" end
+    err = new_error(code, "pg: " .. msg .. suffix)
+  end
+  err.query = sql
+  error(err, 0)
+end
+M.raise = raise
+
+local Conn = {}
+Conn.__index = Conn
+M.Conn = Conn
+
+--- Opens a connection. opts: connect_timeout (s, default 5), statement_timeout (s: set on
+--- the server; the client waits that plus 5 s), timeout (s, client-side bound per query),
+--- max_result_bytes, prepare (default true).
+---@return table conn
+function M.open(url, opts)
+  opts = opts or {}
+  if type(url) ~= "string" or url == "" then
+    error("pg.connect: url must be a postgresql:// URL or a keyword string", 3)
+  end
+  local c, msg, code = core.connect(url, opts.connect_timeout or 5, opts.max_result_bytes)
+  if not c then
+    local where = match(url, "@([^/?]+)") or match(url, "host=(%S+)") or "server"
+    if getmetatable(msg) == ERROR_MT then
+      if msg.code == "timeout" then
+        msg.message = "pg: connect timed out after " .. (opts.connect_timeout or 5) .. " s ("
+                      .. where .. ")"
+      end
+      error(msg, 0)
+    end
+    error(new_error(code, "pg: " .. tostring(msg)), 0)
+  end
+  local where = cinfo(c)
+  local self = setmetatable({
+    _c = c, _where = where, _stmts = {}, _nstmts = 0, _seen = {}, _nseen = 0,
+    _prepare = opts.prepare ~= false, _txdepth = 0,
+    _timeout = opts.timeout or (opts.statement_timeout and opts.statement_timeout + 5),
+  }, Conn)
+  if opts.statement_timeout then
+    local ms = format("%d", opts.statement_timeout * 1000)
+    local ok, err = pcall(self.exec, self, "set statement_timeout = " .. ms)
+    if not ok then cclose(c) error(err, 0) end
+  end
+  return self
+end
+
+-- Runs sql with encoded parameters; returns rows, affected, status or raises.
+local function run(self, sql, ...)
+  local c, timeout = self._c, self._timeout
+  local name = self._stmts[sql]
+  local rows, post, affected, status
+  if name then
+    rows, post, affected, status = cquery_prepared(c, timeout, name, ...)
+    if rows == nil and post ~= nil and type(affected) == "string" and status
+       and status.sqlstate == "26000" then          -- gone (DISCARD ALL): not run, so again
+      self._stmts[sql], self._nstmts = nil, self._nstmts - 1
+      rows, post, affected, status = cquery(c, timeout, sql, ...)
+    end
+  elseif self._prepare and self._seen[sql] and self._nstmts < M.MAX_PREPARED then
+    name = "fibril_" .. (self._nstmts + 1)
+    local _, msg, code, fields = cprepare(c, timeout, name, sql)
+    if msg ~= nil then raise(self, sql, msg, code, fields) end
+    self._stmts[sql], self._nstmts = name, self._nstmts + 1
+    rows, post, affected, status = cquery_prepared(c, timeout, name, ...)
+  else
+    if self._prepare and self._nseen < MAX_SEEN then
+      self._seen[sql], self._nseen = true, self._nseen + 1
+    end
+    rows, post, affected, status = cquery(c, timeout, sql, ...)
+  end
+  if rows == nil and post ~= nil then raise(self, sql, post, affected, status) end
+  if post then finish(rows, post) end
+  return rows, affected, status
+end
+
+local function check(self, sql, who)
+  if type(self) ~= "table" or not self._c then
+    error("pg: expected a connection (use conn:" .. who .. "(), not conn." .. who .. "())", 3)
+  end
+  if type(sql) ~= "string" then error("pg: " .. who .. " expects SQL text, got " .. type(sql), 3) end
+end
+
+--- Runs one statement with $1..$n parameters sent apart from the SQL; returns its rows (a
+--- list of tables keyed by column name; SQL NULL is pg.null), or for a command with no rows
+--- an empty list. The second result is the affected row count, the third the command tag.
+---@return table rows, number|nil affected, string status
+function Conn:query(sql, ...)
+  check(self, sql, "query")
+  local rows, affected, status = run(self, sql, encode(...))
+  return rows or {}, affected, status
+end
+
+--- Runs a command; returns the number of rows it affected (0 when it reports none).
+---@return number
+function Conn:exec(sql, ...)
+  check(self, sql, "exec")
+  local _, affected = run(self, sql, encode(...))
+  return affected or 0
+end
+
+--- Closes the connection (idempotent); a query running on it is cancelled on the server.
+function Conn:close() cclose(self._c) end
+
+--- "idle", "busy", "draining" (a cancelled query finishing), "dead" or "closed". With
+--- check true, an idle connection first reads what arrived, to notice a server that left.
+function Conn:state(check_socket) return cstate(self._c, check_socket) end
+
+---@return boolean true once closed, or dead (the server went away, a limit was passed)
+function Conn:is_closed()
+  local s = cstate(self._c)
+  return s == "dead" or s == "closed"
+end
+
+---@return string "idle", "intrans", "inerror", "active" or "unknown" (libpq's view)
+function Conn:txstatus() return ctxstatus(self._c) end
+
+---@return number the server process serving this connection (pg_backend_pid())
+function Conn:pid()
+  local _, pid = cinfo(self._c)
+  return pid
+end
+
+---@return string "127.0.0.1:5432" or the socket directory
+function Conn:where() return self._where end
+
+--- Waits (up to timeout s) for a cancelled query to finish; true when idle again.
+function Conn:wait_idle(timeout)
+  local ok = m.wait_idle(self._c, timeout)
+  return ok == true
+end
+
+function Conn:__tostring()
+  return "pg connection " .. self._where .. " (" .. cstate(self._c) .. ")"
+end
+
+return M
