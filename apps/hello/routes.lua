@@ -1,4 +1,5 @@
 return function(r)
   r:get("/hello", "bench#hello")
   r:get("/json", "bench#json")
+  r:get("/sleep", "db#sleep")   -- pg_sleep(0.1) through the pool (needs DATABASE_URL)
 end

@@ -78,7 +78,7 @@ function M.default()
   end
   local s = settings or {}
   default = Pool.new{ url = url, size = s.pool, checkout_timeout = s.checkout_timeout,
-                      statement_timeout = s.statement_timeout,
+                      statement_timeout = s.statement_timeout, connect_timeout = s.connect_timeout,
                       max_result_bytes = s.max_result_bytes }
   return default
 end

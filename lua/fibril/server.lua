@@ -131,6 +131,7 @@ end
 --- Runs the app in this process until a signal drains it. Returns the exit status.
 function M.run(app)
   require("fibril.log").configure(app.config.log)
+  require("fibril.pg").configure(app.config.database)   -- connects on first use only
   local server = M.listen(app)
   local reloading = app.config.reload and app.env ~= "production"
                     and require("fibril.reloader").start(app)

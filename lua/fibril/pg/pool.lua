@@ -152,7 +152,10 @@ end
 
 -- ---- pinning and transactions ------------------------------------------------------------
 
-local UNIT_PINS = {}            -- key in executor.locals(): pins to release when the unit ends
+-- Unit-of-work context (the executor's, shared by the unit's fibers) -> { {pool, fiber}... }:
+-- what to release when the unit ends. Weak: a context dies with its unit.
+local unit_pins = setmetatable({}, { __mode = "k" })
+local context = fcore.context
 
 --- Pins a connection to the calling fiber until the unit of work ends (executor to_complete)
 --- or pool:unpin(): every query of the fiber then runs on it (session settings, temp tables,
@@ -165,10 +168,10 @@ function Pool:pin()
   if conn then return conn end
   conn = self:checkout()
   self._pins[f] = conn
-  local locals = executor.locals()
-  if locals then
-    local list = locals[UNIT_PINS]
-    if not list then list = {}; locals[UNIT_PINS] = list end
+  local ctx = executor.active() and context()
+  if ctx then
+    local list = unit_pins[ctx]
+    if not list then list = {}; unit_pins[ctx] = list end
     list[#list + 1] = { self, f }
   end
   return conn
@@ -185,10 +188,10 @@ end
 
 -- Every unit of work gives back what it pinned, even when it raised.
 executor.to_complete(function()
-  local locals = executor.locals()
-  local list = locals and locals[UNIT_PINS]
+  local ctx = context()
+  local list = ctx and unit_pins[ctx]
   if not list then return end
-  locals[UNIT_PINS] = nil
+  unit_pins[ctx] = nil
   for i = 1, #list do
     local pool, f = list[i][1], list[i][2]
     local conn = pool._pins[f]
