@@ -87,7 +87,11 @@ function M.open(url, opts)
       end
       error(msg, 0)
     end
-    error(new_error(code, "pg: " .. tostring(msg)), 0)
+    msg = tostring(msg)
+    if find(msg, "password authentication failed", 1, true) or find(msg, "no password supplied", 1, true) then
+      code = "auth"
+    end
+    error(new_error(code, "pg: " .. msg), 0)
   end
   local where = cinfo(c)
   local self = setmetatable({
