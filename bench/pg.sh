@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# bench/pg.sh: fibril.pg against pgbench on the same PostgreSQL in the same run (started by
+# scripts/with-services unless DATABASE_URL is set). Baseline: `pgbench -S -c 20 -j 2 -T D`
+# (simple and prepared query modes); then bench/pg.lua: the same primary-key select from 20
+# fibers through a pool of 20, with and without automatic prepared statements. Prints the
+# figures and the ratios to pgbench (target >= 0.8x). Asserts nothing. DURATION, SCALE tune it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build}
+if [ -z "${DATABASE_URL:-}" ]; then exec scripts/with-services "$0" "$@"; fi
+DURATION=${DURATION:-10} SCALE=${SCALE:-1} CLIENTS=${CLIENTS:-20}
+FIBRIL="$PWD/$BUILD/fibril"
+PGBENCH=${PGBENCH:-$(command -v pgbench || echo /usr/lib/postgresql/15/bin/pgbench)}
+
+echo "== pgbench -i -s $SCALE ($(nproc) cores, $(date -u +%Y-%m-%d), $("$PGBENCH" --version))"
+"$PGBENCH" -q -i -s "$SCALE" "$DATABASE_URL" >/dev/null 2>&1
+
+tps_of() { sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\)/\1/p'; }
+echo "== pgbench -S -c $CLIENTS -j 2 -T $DURATION"
+simple=$("$PGBENCH" -n -S -c "$CLIENTS" -j 2 -T "$DURATION" "$DATABASE_URL" 2>/dev/null | tps_of)
+echo "pgbench -M simple:   $simple tps"
+prepared=$("$PGBENCH" -n -S -M prepared -c "$CLIENTS" -j 2 -T "$DURATION" "$DATABASE_URL" 2>/dev/null | tps_of)
+echo "pgbench -M prepared: $prepared tps"
+
+echo "== fibril bench/pg.lua: $CLIENTS fibers, pool of $CLIENTS"
+out_p=$("$FIBRIL" bench/pg.lua "$DATABASE_URL" "$DURATION" "$CLIENTS" "$SCALE" 1)
+echo "$out_p"
+out_u=$("$FIBRIL" bench/pg.lua "$DATABASE_URL" "$DURATION" "$CLIENTS" "$SCALE" 0 | head -1)
+echo "$out_u"
+fp=$(echo "$out_p" | sed -nE '1s/.* = ([0-9]+) tps/\1/p')
+fu=$(echo "$out_u" | sed -nE '1s/.* = ([0-9]+) tps/\1/p')
+awk -v fp="$fp" -v fu="$fu" -v s="$simple" -v p="$prepared" 'BEGIN {
+  printf "ratio fibril (prepared) / pgbench -S (simple):     %.2fx (target >= 0.8x)\n", fp / s
+  printf "ratio fibril (prepared) / pgbench -S -M prepared:  %.2fx\n", fp / p
+  printf "ratio fibril (unprepared) / pgbench -S (simple):   %.2fx\n", fu / s
+  printf "prepared-statement gain, fibril at %s fibers:      %.2fx\n", 20, fp / fu
+}'
