@@ -3,7 +3,9 @@
 # scripts/with-services unless DATABASE_URL is set). Baseline: `pgbench -S -c 20 -j 2 -T D`
 # (simple and prepared query modes); then bench/pg.lua: the same primary-key select from 20
 # fibers through a pool of 20, with and without automatic prepared statements. Prints the
-# figures and the ratios to pgbench (target >= 0.8x). Asserts nothing. DURATION, SCALE tune it.
+# figures and the ratios to pgbench (target >= 0.8x). Last, the fiber proof: 100 requests to
+# apps/hello's GET /sleep (pg_sleep(0.1), pool of 20), 20 at a time (bench/pg_sleep.lua).
+# Asserts nothing. DURATION, SCALE, CLIENTS tune it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -35,3 +37,15 @@ awk -v fp="$fp" -v fu="$fu" -v s="$simple" -v p="$prepared" 'BEGIN {
   printf "ratio fibril (unprepared) / pgbench -S (simple):   %.2fx\n", fu / s
   printf "prepared-statement gain, fibril at %s fibers:      %.2fx\n", 20, fp / fu
 }'
+
+echo "== apps/hello GET /sleep (pg_sleep(0.1) through a pool of 20), 100 requests, 20 at a time"
+PORT=${PORT:-18097}
+"$FIBRIL" run apps/hello --port "$PORT" --env production >/dev/null 2>&1 &
+app=$!
+trap 'kill $app 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/hello" && break; sleep 0.05; done
+"$FIBRIL" bench/pg_sleep.lua "$PORT" 100 20
+if command -v wrk >/dev/null; then   # the same with wrk: 20 connections for 3 s (ideal 200 req/s)
+  wrk -t 2 -c 20 -d 3s "http://127.0.0.1:$PORT/sleep" | grep -E "Requests/sec|requests in|Non-2xx" || true
+fi
+kill $app; wait $app 2>/dev/null || true
