@@ -25,7 +25,9 @@ Listener.__index = Listener
 local function deliver(fn, payload, channel)
   spawn(function()
     local ok, err = executor.call(fn, { pg_channel = channel }, payload, channel)
-    if not ok then log.error("pg notification handler failed", { channel = channel, err = tostring(err) }) end
+    if not ok then
+      log.error("pg notification handler failed", { sub = "pg", channel = channel, err = tostring(err) })
+    end
   end)
 end
 
@@ -52,7 +54,7 @@ local function loop(self)
         if self._conn then self._conn:close() end
         self._conn = nil
         if self._stopped then break end
-        log.warn("pg listener cannot connect", { err = tostring(err), retry = delay })
+        log.warn("pg listener cannot connect", { sub = "pg", err = tostring(err), retry = delay })
         sleep(delay)
         delay = min(delay * 2, 5)
       else
@@ -72,7 +74,7 @@ local function loop(self)
         self._connected = false
         self._conn:close()
         self._conn = nil
-        if not self._stopped then log.warn("pg listener lost its connection; reconnecting") end
+        log.warn("pg listener lost its connection; reconnecting", { sub = "pg" })
       end
     end
   end
