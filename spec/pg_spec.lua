@@ -571,6 +571,23 @@ describe("fibril.pg", function()
     end)
   end)
 
+  describe("apps/hello without a database", function()
+    it("boots, serves /hello, and answers /sleep with 503", function()
+      local saved = support.fibril
+      support.fibril = "env -u DATABASE_URL " .. saved      -- env execs fibril: same pid
+      local ok, app = pcall(support.start_app, "apps/hello", "--env production")
+      support.fibril = saved
+      assert(ok, app)
+      local res = support.raw(app.port, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert.are.equal(200, res.status)
+      local res2 = support.raw(app.port, "GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert.are.equal(503, res2.status)
+      assert.matches("no database configured", res2.body)
+      app.stop()
+      app.wait_exit(10)
+    end)
+  end)
+
   it("leaves no connection, poll handle or operation behind", function()
     pg:close()
     assert.are.equal(baseline, support.settled(live, baseline))
