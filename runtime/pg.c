@@ -391,6 +391,7 @@ static const luaL_Reg pg_methods[] = {
   { "prepare", fb_pg_l_prepare },
   { "wait_idle", fb_pg_l_wait_idle },
   { "wait_notify", fb_pg_l_wait_notify },
+  { "batch", fb_pg_l_batch },
   { "state", l_pg_state },
   { "txstatus", l_pg_txstatus },
   { "info", l_pg_info },

@@ -26,6 +26,9 @@ struct fb_pg_s {
   unsigned char listening;      /* keep notifications for wait_notify, else drop them */
   unsigned char flushing;       /* output still queued in libpq: wait for writable too */
   unsigned char failed;         /* the query's result is an error (already pushed) */
+  unsigned char pipeline;       /* a batch runs in pipeline mode (pg_batch.c) */
+  unsigned char slot;           /* batch: what the current statement left on the stack */
+  int nentries, cur;            /* batch: statements sent, index of the one being read */
   int pushed;                   /* values pushed onto the waiting fiber's thread so far */
   fb_pg_t *live_next, *live_prev;
   fb_fiber_t *fiber;            /* waiting in connect, a query or wait_idle */
@@ -57,6 +60,14 @@ void fb_pg_dead(fb_pg_t *p, const char *msg, const char *code, int cancel);
 void fb_pg_lost(fb_pg_t *p);
 /* pg_query.c: reads, flushes and takes results; called for every poll event once connected. */
 void fb_pg_io_step(fb_pg_t *p);
+/* The cancel hook of a query or batch: the fiber is gone; p drains while the server
+ * cancels. */
+void fb_pg_query_cancel(fb_fiber_t *f, void *data);
+/* A drained connection is idle again: wakes a fiber in wait_idle. */
+void fb_pg_drained(fb_pg_t *p);
+/* pg_batch.c: takes one result (or the NULL ending a statement's) of a pipelined batch.
+ * Returns 0 when p was dropped (do not touch it). */
+int fb_pg_batch_step(fb_pg_t *p, PGresult *res);
 fb_pg_t *fb_pg_check_box(lua_State *L);
 double fb_pg_opt_timeout(lua_State *L, int idx);
 
@@ -65,5 +76,6 @@ int fb_pg_l_query_prepared(lua_State *L);
 int fb_pg_l_prepare(lua_State *L);
 int fb_pg_l_wait_idle(lua_State *L);
 int fb_pg_l_wait_notify(lua_State *L);
+int fb_pg_l_batch(lua_State *L);
 
 #endif

@@ -138,6 +138,16 @@ static int query_result(fb_pg_t *p, PGresult *res) {
   return 1;
 }
 
+void fb_pg_drained(fb_pg_t *p) {
+  fb_fiber_t *f = p->fiber;     /* a fiber may wait in wait_idle */
+  p->state = FB_PG_IDLE;
+  p->fiber = NULL;
+  if (f) {
+    lua_pushboolean(fb_fiber_thread(f), 1);
+    fb_fiber_ready(f, 1);
+  }
+}
+
 /* Takes one result of a cancelled query, whose fiber is gone. A COPY would never end (libpq
  * keeps returning it): drop the connection. Returns 0 when it was dropped. */
 static int drain_result(fb_pg_t *p, PGresult *res) {
@@ -165,18 +175,13 @@ void fb_pg_io_step(fb_pg_t *p) {
   }
   while ((p->state == FB_PG_BUSY || p->state == FB_PG_DRAINING) && !PQisBusy(p->conn)) {
     PGresult *res = PQgetResult(p->conn);
+    if (p->pipeline) {          /* a batch: NULL ends one statement, not the whole */
+      if (!fb_pg_batch_step(p, res)) return;   /* p may be freed */
+      continue;
+    }
     if (!res) {
-      if (p->state == FB_PG_BUSY) {
-        query_done(p);
-      } else {
-        fb_fiber_t *f = p->fiber;       /* a fiber may wait in wait_idle */
-        p->state = FB_PG_IDLE;
-        p->fiber = NULL;
-        if (f) {
-          lua_pushboolean(fb_fiber_thread(f), 1);
-          fb_fiber_ready(f, 1);
-        }
-      }
+      if (p->state == FB_PG_BUSY) query_done(p);
+      else fb_pg_drained(p);
       break;
     }
     if (p->state == FB_PG_BUSY ? !query_result(p, res) : !drain_result(p, res)) {
@@ -196,7 +201,7 @@ void fb_pg_io_step(fb_pg_t *p) {
 
 /* A timeout or cancel on a query: the fiber is gone, the query goes on in the server until
  * the cancel request reaches it; the connection drains its results and is idle again. */
-static void query_cancel(fb_fiber_t *f, void *data) {
+void fb_pg_query_cancel(fb_fiber_t *f, void *data) {
   fb_pg_t *p = data;
   (void)f;
   p->fiber = NULL;
@@ -318,7 +323,7 @@ static int query_start(lua_State *L, int kind) {
     return fb_pg_push_error(L, p->lost, p->lost_code);
   }
   p->fiber = f;
-  fb_fiber_on_cancel(f, query_cancel, p);
+  fb_fiber_on_cancel(f, fb_pg_query_cancel, p);
   return fb_fiber_suspend(L, f, timeout);
 }
 

@@ -84,7 +84,7 @@ function M.default()
 end
 
 -- pg:query(...) and the rest on the module run on the default pool.
-for _, name in ipairs({ "query", "exec", "transaction", "listen", "unlisten", "pin", "unpin",
+for _, name in ipairs({ "query", "exec", "batch", "transaction", "listen", "unlisten", "pin", "unpin",
                         "checkout", "release", "stats" }) do
   M[name] = function(self, ...)
     if self ~= M then error("pg: use pg:" .. name .. "(...), with a colon", 2) end

@@ -5,13 +5,13 @@ local core = require "fibril.core.pg"
 local fcore = require "fibril.core.fiber"
 local types = require "fibril.pg.types"
 
-local type, error, tostring, getmetatable, setmetatable, pcall =
-      type, error, tostring, getmetatable, setmetatable, pcall
+local type, error, tostring, getmetatable, setmetatable, pcall, select, unpack, next =
+      type, error, tostring, getmetatable, setmetatable, pcall, select, unpack, next
 local sub, find, match, format = string.sub, string.find, string.match, string.format
 local getinfo = debug.getinfo
 local m = core.methods
-local cquery, cquery_prepared, cprepare, cstate, cclose, cinfo, ctxstatus =
-      m.query, m.query_prepared, m.prepare, m.state, m.close, m.info, m.txstatus
+local cquery, cquery_prepared, cprepare, cstate, cclose, cinfo, ctxstatus, cbatch =
+      m.query, m.query_prepared, m.prepare, m.state, m.close, m.info, m.txstatus, m.batch
 local new_error, ERROR_MT = fcore.error, fcore.error_metatable
 local encode, finish = types.encode, types.finish
 local LUA_DIR = require("fibril.core.vm").lua_dir
@@ -159,6 +159,86 @@ function Conn:exec(sql, ...)
   check(self, sql, "exec")
   local _, affected = run(self, sql, encode(...))
   return affected or 0
+end
+
+local Batch = {}
+Batch.__index = Batch
+
+--- Queues a statement in a batch (see Conn:batch).
+function Batch:query(sql, ...)
+  if type(self) ~= "table" or not self._sql then error("pg: use b:query(), not b.query()", 2) end
+  if self._sent then error("pg: this batch was already sent", 2) end
+  if type(sql) ~= "string" then error("pg: query expects SQL text, got " .. type(sql), 2) end
+  local n = self._n + 1
+  self._n = n
+  self._sql[n] = sql
+  self._params[n] = { n = select("#", ...), encode(...) }
+end
+
+-- The entries C sends for a batch: a statement seen before and not prepared yet is prepared
+-- in the same round trip ({"p", name, sql} before its {"x", name, ...}).
+local function batch_entries(self, b)
+  local entries, at, prepared, npending, e = {}, {}, {}, 0, 0
+  local pending, sqls = {}, {}
+  for i = 1, b._n do
+    local sql, params = b._sql[i], b._params[i]
+    local name = self._stmts[sql] or pending[sql]
+    if not name and self._prepare and self._seen[sql]
+       and self._nstmts + npending < M.MAX_PREPARED then
+      npending = npending + 1
+      name = "fibril_" .. (self._nstmts + npending)
+      pending[sql] = name
+      e = e + 1
+      entries[e] = { "p", name, sql }
+      prepared[e] = sql
+      sqls[e] = sql
+    elseif not name and self._prepare and self._nseen < MAX_SEEN and not self._seen[sql] then
+      self._seen[sql], self._nseen = true, self._nseen + 1
+    end
+    e = e + 1
+    entries[e] = { name and "x" or "q", name or sql, unpack(params, 1, params.n) }
+    at[i], sqls[e] = e, sql
+  end
+  return entries, at, prepared, pending, sqls
+end
+
+--- Sends several statements in one round trip (libpq pipeline mode) and returns the list of
+--- their rows (rows[i] for the i-th b:query) and the list of affected counts. fn(b) queues
+--- them with b:query(sql, ...). Outside a transaction the batch is one implicit transaction:
+--- if a statement fails, none of the batch's changes stay, and the first error is raised.
+---@return table results, table counts
+function Conn:batch(fn)
+  if type(self) ~= "table" or not self._c then error("pg: use conn:batch(fn)", 2) end
+  if type(fn) ~= "function" then error("pg: batch expects a function", 2) end
+  local b = setmetatable({ _n = 0, _sql = {}, _params = {} }, Batch)
+  fn(b)
+  b._sent = true
+  if b._n == 0 then return {}, {} end
+  local entries, at, prepared, pending, sqls = batch_entries(self, b)
+  local slots, msg, code = cbatch(self._c, self._timeout, entries)
+  if not slots then raise(self, "batch of " .. b._n .. " statements", msg, code) end
+  for e, sql in next, prepared do
+    local slot = slots[e]
+    if type(slot) == "table" and not slot.error then
+      self._stmts[sql], self._nstmts = pending[sql], self._nstmts + 1
+    end
+  end
+  for e = 1, #entries do             -- the first error, a prepare's included, is the cause
+    local slot = slots[e]
+    if type(slot) == "table" and slot.error then
+      local emsg = slot.error
+      slot.error = nil
+      raise(self, sqls[e], emsg, slot.code, slot)
+    end
+  end
+  local results, counts = {}, {}
+  for i = 1, b._n do
+    local slot = slots[at[i]]
+    local rows = slot[1] or {}
+    if slot[2] then finish(rows, slot[2]) end
+    results[i], counts[i] = rows, slot[3] or 0
+  end
+  return results, counts
 end
 
 --- Closes the connection (idempotent); a query running on it is cancelled on the server.

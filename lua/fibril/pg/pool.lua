@@ -13,7 +13,7 @@ local type, error, pcall, select, setmetatable, unpack, tostring =
       type, error, pcall, select, setmetatable, unpack, tostring
 local current, spawn, now, new_error = fcore.current, fcore.spawn, fcore.now, fcore.error
 local open = Conn.open
-local Q, E = Conn.Conn.query, Conn.Conn.exec
+local Q, E, B = Conn.Conn.query, Conn.Conn.exec, Conn.Conn.batch
 
 local M = {}
 
@@ -150,6 +150,16 @@ function Pool:exec(sql, ...)
   return give_back(self, conn, pcall(E, conn, sql, ...))
 end
 
+--- Sends several statements in one round trip on one connection (see docs/postgres.md,
+--- "Batches"): fn(b) queues them with b:query(sql, ...); returns their rows and counts.
+---@return table results, table counts
+function Pool:batch(fn)
+  local pinned = self._pins[current() or 0]
+  if pinned then return B(pinned, fn) end
+  local conn = self:checkout()
+  return give_back(self, conn, pcall(B, conn, fn))
+end
+
 -- ---- pinning and transactions ------------------------------------------------------------
 
 -- Unit-of-work context (the executor's, shared by the unit's fibers) -> { {pool, fiber}... }:
@@ -219,6 +229,8 @@ end
 function Tx:query(sql, ...) return Q(tx_conn(self, "query"), sql, ...) end
 --- Runs a command in the transaction; returns the affected row count.
 function Tx:exec(sql, ...) return E(tx_conn(self, "exec"), sql, ...) end
+--- A batch in the transaction (one round trip; a failure aborts the transaction).
+function Tx:batch(fn) return B(tx_conn(self, "batch"), fn) end
 --- A nested transaction: a SAVEPOINT, rolled back to when fn raises.
 function Tx:transaction(fn)
   local conn = tx_conn(self, "transaction")
