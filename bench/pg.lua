@@ -2,7 +2,9 @@
 -- pgbench on the same server). F fibers share a pool of F connections, each running the
 -- pgbench -S primary-key select with a random aid for D seconds; prints transactions/s.
 -- Also the per-query latency of one fiber on one connection, prepared against unprepared.
--- Usage: fibril bench/pg.lua URL [seconds=10] [fibers=20] [scale=1] [prepare=1]
+-- With batch=N > 1, each fiber sends its selects N at a time with pool:batch (libpq pipeline
+-- mode, one round trip per batch) and the figure counts queries, not batches.
+-- Usage: fibril bench/pg.lua URL [seconds=10] [fibers=20] [scale=1] [prepare=1] [batch=1]
 local fibril = require "fibril"
 local pg = require "fibril.pg"
 
@@ -11,6 +13,7 @@ local seconds = tonumber(arg[2]) or 10
 local nfibers = tonumber(arg[3]) or 20
 local scale = tonumber(arg[4]) or 1
 local prepare = (arg[5] or "1") ~= "0"
+local batch = tonumber(arg[6]) or 1
 assert(url, "usage: fibril bench/pg.lua URL [seconds] [fibers] [scale] [prepare]")
 
 local SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
@@ -37,10 +40,19 @@ local t0 = now()
 for i = 1, nfibers do
   fibers[i] = fibril.schedule(function()
     local n = 0
+    local function queue(b)
+      for _ = 1, batch do b:query(SQL, random(naccounts)) end
+    end
     while not stop do
-      local rows = pool:query(SQL, random(naccounts))
-      assert(rows[1].abalance)
-      n = n + 1
+      if batch > 1 then
+        local results = pool:batch(queue)
+        assert(results[batch][1].abalance)
+        n = n + batch
+      else
+        local rows = pool:query(SQL, random(naccounts))
+        assert(rows[1].abalance)
+        n = n + 1
+      end
     end
     count = count + n
   end)
@@ -49,9 +61,11 @@ fibril.sleep(seconds)
 stop = true
 fibril.await_all(fibers)
 local elapsed = now() - t0
-print(("fibril.pg: %d fibers, pool of %d, prepare=%s: %d queries in %.2f s = %.0f tps")
-      :format(nfibers, nfibers, tostring(prepare), count, elapsed, count / elapsed))
+print(("fibril.pg: %d fibers, pool of %d, prepare=%s%s: %d queries in %.2f s = %.0f tps")
+      :format(nfibers, nfibers, tostring(prepare), batch > 1 and (", batches of " .. batch) or "",
+              count, elapsed, count / elapsed))
 pool:close()
+if batch > 1 then return end
 
 -- Latency of one query, one fiber, one connection: the prepared-statement gain alone.
 local function serial(prep)

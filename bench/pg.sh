@@ -29,13 +29,22 @@ out_p=$("$FIBRIL" bench/pg.lua "$DATABASE_URL" "$DURATION" "$CLIENTS" "$SCALE" 1
 echo "$out_p"
 out_u=$("$FIBRIL" bench/pg.lua "$DATABASE_URL" "$DURATION" "$CLIENTS" "$SCALE" 0 | head -1)
 echo "$out_u"
+# Pipeline mode: the same selects sent 10 per round trip (pool:batch), on 20 and on 4 connections.
+out_b=$("$FIBRIL" bench/pg.lua "$DATABASE_URL" "$DURATION" "$CLIENTS" "$SCALE" 1 10)
+echo "$out_b"
+out_b4=$("$FIBRIL" bench/pg.lua "$DATABASE_URL" "$DURATION" 4 "$SCALE" 1 10)
+echo "$out_b4"
 fp=$(echo "$out_p" | sed -nE '1s/.* = ([0-9]+) tps/\1/p')
 fu=$(echo "$out_u" | sed -nE '1s/.* = ([0-9]+) tps/\1/p')
-awk -v fp="$fp" -v fu="$fu" -v s="$simple" -v p="$prepared" 'BEGIN {
+fb=$(echo "$out_b" | sed -nE '1s/.* = ([0-9]+) tps/\1/p')
+fb4=$(echo "$out_b4" | sed -nE '1s/.* = ([0-9]+) tps/\1/p')
+awk -v fp="$fp" -v fu="$fu" -v fb="$fb" -v fb4="$fb4" -v s="$simple" -v p="$prepared" 'BEGIN {
   printf "ratio fibril (prepared) / pgbench -S (simple):     %.2fx (target >= 0.8x)\n", fp / s
   printf "ratio fibril (prepared) / pgbench -S -M prepared:  %.2fx\n", fp / p
   printf "ratio fibril (unprepared) / pgbench -S (simple):   %.2fx\n", fu / s
   printf "prepared-statement gain, fibril at %s fibers:      %.2fx\n", 20, fp / fu
+  printf "pipeline mode (batches of 10), 20 connections:    %.2fx pgbench -S, %.2fx fibril one at a time\n", fb / s, fb / fp
+  printf "pipeline mode (batches of 10), 4 connections:     %.2fx pgbench -S, %.2fx fibril one at a time\n", fb4 / s, fb4 / fp
 }'
 
 echo "== apps/hello GET /sleep (pg_sleep(0.1) through a pool of 20), 100 requests, 20 at a time"
