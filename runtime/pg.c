@@ -76,9 +76,11 @@ static void poll_close(fb_pg_t *p) {
 
 static void on_poll(uv_poll_t *h, int status, int events) {
   fb_pg_t *p = h->data;
-  (void)status;                 /* an error (POLLERR) is read by libpq from the socket */
   (void)events;
   if (!p) return;
+  /* libuv reports POLLERR by stopping the handle: the socket's error is libpq's to read,
+   * and the next poll_watch must start the handle again. */
+  if (status < 0) p->events = 0;
   if (p->state == FB_PG_CONNECTING) connect_step(p);
   else fb_pg_io_step(p);
 }
