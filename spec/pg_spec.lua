@@ -417,7 +417,7 @@ describe("fibril.pg", function()
     end)
 
     it("makes a fiber wait for a connection, then raises checkout_timeout", function()
-      local pool = pg.pool(url, { size = 2, checkout_timeout = 0.3 })
+      local pool = pg.pool(url, { size = 2, checkout_timeout = 0.5 })
       local holders, go = {}, false
       for i = 1, 2 do
         holders[i] = fibril.schedule(function()
@@ -432,7 +432,7 @@ describe("fibril.pg", function()
       local ok, err = pcall(pool.query, pool, "select 1")
       assert.is_false(ok)
       assert.are.equal("checkout_timeout", err.code)
-      assert.matches("no connection free in the pool within 0.3 s %(pool of 2", err.message)
+      assert.matches("no connection free in the pool within 0.5 s %(pool of 2", err.message)
       local waiter = fibril.schedule(function() return pool:query("select 7 as x")[1].x end)
       fibril.sleep(0.02)
       go = true
