@@ -251,6 +251,23 @@ describe("fibril.pg", function()
       conn:close(); plain:close()
     end)
 
+    it("re-prepares a cached statement whose result type an ALTER TABLE changed", function()
+      local conn = pg.connect(url)
+      conn:exec("create temp table pg_spec_alter (a int)")
+      conn:exec("insert into pg_spec_alter values (1)")
+      for _ = 1, 3 do assert.are.same({ { a = 1 } }, conn:query("select * from pg_spec_alter")) end
+      conn:exec("alter table pg_spec_alter add column b text default 'x'")
+      assert.are.same({ { a = 1, b = "x" } }, conn:query("select * from pg_spec_alter"))
+      assert.are.same({ { a = 1, b = "x" } }, conn:query("select * from pg_spec_alter"))
+      assert.are.equal(1, #conn:query("select 1 from pg_prepared_statements"))
+      local by_a = "select a from pg_spec_alter where a = $1"
+      for _ = 1, 3 do assert.are.same({ { a = 1 } }, conn:query(by_a, 1)) end
+      conn:exec("deallocate all")                   -- the server forgets every statement
+      assert.are.same({ { a = 1 } }, conn:query(by_a, 1))
+      assert.are.same({ { a = 1 } }, conn:query(by_a, 1))
+      conn:close()
+    end)
+
     it("bounds the bytes of a result and closes the connection past the bound", function()
       local conn = pg.connect(url, { max_result_bytes = 4096 })
       assert.are.equal(10, #conn:query("select repeat('x', 100) from generate_series(1, 10)"))

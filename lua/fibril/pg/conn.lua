@@ -95,7 +95,7 @@ function M.open(url, opts)
   end
   local where = cinfo(c)
   local self = setmetatable({
-    _c = c, _where = where, _stmts = {}, _nstmts = 0, _seen = {}, _nseen = 0,
+    _c = c, _where = where, _stmts = {}, _nstmts = 0, _seq = 0, _seen = {}, _nseen = 0,
     _prepare = opts.prepare ~= false, _txdepth = 0,
     _timeout = opts.timeout or (opts.statement_timeout and opts.statement_timeout + 5),
   }, Conn)
@@ -114,13 +114,18 @@ local function run(self, sql, ...)
   local rows, post, affected, status
   if name then
     rows, post, affected, status = cquery_prepared(c, timeout, name, ...)
-    if rows == nil and post ~= nil and type(affected) == "string" and status
-       and status.sqlstate == "26000" then          -- gone (DISCARD ALL): not run, so again
+    local state = rows == nil and affected == "pg_error" and status and status.sqlstate
+    if state == "26000" or state == "0A000" then
+      -- 26000: the server forgot it (DISCARD ALL). 0A000: "cached plan must not change result
+      -- type", after an ALTER TABLE. Either way it did not run: forget it (the next call
+      -- prepares it afresh) and, unless a transaction is now aborted, run it unprepared.
       self._stmts[sql], self._nstmts = nil, self._nstmts - 1
-      rows, post, affected, status = cquery(c, timeout, sql, ...)
+      if state == "0A000" then cquery(c, timeout, "deallocate " .. name) end
+      if ctxstatus(c) == "idle" then rows, post, affected, status = cquery(c, timeout, sql, ...) end
     end
   elseif self._prepare and self._seen[sql] and self._nstmts < M.MAX_PREPARED then
-    name = "fibril_" .. (self._nstmts + 1)
+    self._seq = self._seq + 1
+    name = "fibril_" .. self._seq
     local _, msg, code, fields = cprepare(c, timeout, name, sql)
     if msg ~= nil then raise(self, sql, msg, code, fields) end
     self._stmts[sql], self._nstmts = name, self._nstmts + 1
@@ -186,7 +191,8 @@ local function batch_entries(self, b)
     if not name and self._prepare and self._seen[sql]
        and self._nstmts + npending < M.MAX_PREPARED then
       npending = npending + 1
-      name = "fibril_" .. (self._nstmts + npending)
+      self._seq = self._seq + 1               -- names never reused: a failed batch may
+      name = "fibril_" .. self._seq           -- still have created one on the server
       pending[sql] = name
       e = e + 1
       entries[e] = { "p", name, sql }
