@@ -154,6 +154,23 @@ describe("fibril.pg", function()
       assert.are.equal(-math.huge, small.ninf)
     end)
 
+    it("converts arrays of every simple type, nested ones too", function()
+      local r = pg:query([[select $1::float8[] as f, $2::bool[] as b, $3::bytea[] as by,
+        $4::jsonb[] as j, $5::int[][] as nested, '{}'::int[] as empty, $6::int8[] as big,
+        '[0:1]={7,8}'::int[] as bounded, array['2026-11-25'::date] as days]],
+        { 1.5, -2, pg.null }, { true, false }, { "\\x00ff" }, { '{"a":1}', "[2]" },
+        { { 1, 2 }, { 3, 4 } }, { 1, "9007199254740993" })[1]
+      assert.are.same({ 1.5, -2, pg.null }, r.f)
+      assert.are.same({ true, false }, r.b)
+      assert.are.same({ "\0\255" }, r.by)
+      assert.are.same({ { a = 1 }, { 2 } }, r.j)
+      assert.are.same({ { 1, 2 }, { 3, 4 } }, r.nested)
+      assert.are.same({}, r.empty)
+      assert.are.same({ 1, "9007199254740993" }, r.big)
+      assert.are.same({ 7, 8 }, r.bounded)
+      assert.are.same({ "2026-11-25" }, r.days)
+    end)
+
     it("gives NULL as pg.null, so a row keeps every key, for nil and pg.null parameters", function()
       local r = pg:query("select $1::text as a, $2::int as b, null::jsonb as c, 1 as d", nil, pg.null)[1]
       assert.are.equal(pg.null, r.a)
@@ -508,6 +525,46 @@ describe("fibril.pg", function()
       pool:close()
     end)
 
+    it("cancels a cancelled fiber's batch on the server and reuses the connection", function()
+      local pool = pg.pool{ url = url, size = 1, checkout_timeout = 5 }
+      local pid = pool:query("select pg_backend_pid() as p")[1].p
+      local f = fibril.schedule(function()
+        return pool:batch(function(b)
+          b:query("select 1")
+          b:query("select pg_sleep(30)")
+          b:query("select 2")
+        end)
+      end)
+      eventually(function()
+        return #pg:query("select 1 from pg_stat_activity where pid = $1 and query like $2", pid,
+                         "select pg_sleep(30)%") == 1
+      end)
+      fibril.cancel(f)
+      local ok, err = pcall(fibril.await, f)
+      assert.is_false(ok)
+      assert.are.equal("cancelled", err.code)
+      assert.are.equal(pid, pool:query("select pg_backend_pid() as p")[1].p)   -- drained, reused
+      local results = pool:batch(function(b) b:query("select 3 as x") end)
+      assert.are.equal(3, results[1][1].x)
+      pool:close()
+    end)
+
+    it("fails the fibers waiting for a connection when the pool closes", function()
+      local pool = pg.pool{ url = url, size = 1, checkout_timeout = 5 }
+      local holder = fibril.schedule(function()
+        pool:transaction(function(tx) tx:query("select pg_sleep(0.2)") end)
+      end)
+      fibril.sleep(0.05)
+      local waiter = fibril.schedule(function() return pcall(pool.query, pool, "select 1") end)
+      fibril.sleep(0.02)
+      pool:close()
+      local ok, err = fibril.await(waiter)
+      assert.is_false(ok)
+      assert.are.equal("closed", err.code)
+      fibril.await(holder)
+      assert.are.equal(0, pool:stats().open)                -- given back after close: closed
+    end)
+
     it("fails a statement over statement_timeout with SQLSTATE 57014 and goes on", function()
       local pool = pg.pool{ url = url, size = 1, statement_timeout = 0.2 }
       local ok, err = pcall(pool.query, pool, "select pg_sleep(3)")
@@ -572,10 +629,16 @@ describe("fibril.pg", function()
       pool:query("select pg_notify($1, $2)", "pg spec \"chan\"", "two")
       assert.truthy(eventually(function() return #got == 2 end))
       assert.are.equal('pg spec "chan"=two', got[2])
-      sub.unlisten()
+      -- A handler that raises is logged; the others, and later notifications, go on.
+      pool:listen("pg spec \"chan\"", function() error("handler fails") end)
+      pool:query("select pg_notify($1, $2)", "pg spec \"chan\"", "after-error")
+      assert.truthy(eventually(function() return #got == 3 end))
+      assert.are.equal('pg spec "chan"=after-error', got[3])
+      pool:unlisten("pg spec \"chan\"")                 -- every handler of the channel
       pool:query("select pg_notify($1, $2)", "pg spec \"chan\"", "three")
       fibril.sleep(0.1)
-      assert.are.equal(2, #got)
+      assert.are.equal(3, #got)
+      sub.unlisten()                                     -- already gone: a no-op
       pool:close()
     end)
   end)

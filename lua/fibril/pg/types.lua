@@ -98,7 +98,8 @@ end
 local function element(s, kind)
   if kind == INT then
     local v = tonumber(s)
-    if v and (v > 2^53 or v < -2^53) then return s end        -- as for int8 columns
+    -- As for int8 columns: past 2^53 a double may round it, so keep the digits then.
+    if v and (v >= 2^53 or v <= -2^53) and format("%d", v) ~= s then return s end
     return v or s
   elseif kind == FLOAT then
     if s == "NaN" then return 0 / 0 elseif s == "Infinity" then return huge
