@@ -62,7 +62,7 @@ for interval in 100 1000; do
 done
 
 echo "== SSE through the redis adapter: 2 fibril processes x $((CONNS / 2)) streams, 1 broadcaster"
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 12000))   # below the ephemeral range
 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
   --daemonize no >"$tmp/redis.log" 2>&1 &
 redis_pid=$!

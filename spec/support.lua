@@ -297,7 +297,7 @@ end
 --- one still running is killed by stop_redis_servers().
 function M.redis_server(extra)
   for _ = 1, 20 do
-    local port = math.random(20000, 50000)
+    local port = math.random(20000, 32000)   -- below the ephemeral range (32768 up)
     if not redis_ping(port) then
       local s = setmetatable({ port = port, extra = extra,
         url = "redis://127.0.0.1:" .. port .. "/0",
