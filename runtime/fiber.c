@@ -581,13 +581,11 @@ static int l_wake(lua_State *L) {
   return 1;
 }
 
-static int l_cancel(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1, "fibril.cancel");
+int fb_fiber_cancel(fb_fiber_t *t) {
   switch (t->state) {
   case FS_DONE:
   case FS_FAILED:
-    lua_pushboolean(L, 0);
-    return 1;
+    return 0;
   case FS_SUSPENDED:
     if (t->wait != W_FOREVER) {
       fiber_interrupt(t, "cancelled");
@@ -597,7 +595,11 @@ static int l_cancel(lua_State *L) {
   default:
     t->cancel_pending = 1;
   }
-  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_cancel(lua_State *L) {
+  lua_pushboolean(L, fb_fiber_cancel(check_fiber(L, 1, "fibril.cancel")));
   return 1;
 }
 

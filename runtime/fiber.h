@@ -36,6 +36,9 @@ fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs);
  * "cancelled" error when the fiber was cancelled since it last suspended. */
 fb_fiber_t *fb_fiber_check(lua_State *L, const char *who);
 void fb_fiber_on_cancel(fb_fiber_t *f, fb_fiber_cancel_cb cb, void *data);
+/* Cancels f as fibril.cancel does: its current or next suspension raises "cancelled".
+ * Returns 0 when f had already finished. */
+int fb_fiber_cancel(fb_fiber_t *f);
 /* Yields the fiber; timeout < 0 waits forever, else after timeout seconds it resumes with
  * (nil, err) where err.code == "timeout". Use as `return fb_fiber_suspend(L, f, t);`. */
 int fb_fiber_suspend(lua_State *L, fb_fiber_t *f, double timeout);

@@ -1,5 +1,6 @@
 /* fs.c: file system calls for fibers (stat, lstat, realpath, open, positional reads) on
- * libuv's thread pool, each suspending only its own fiber. A request in flight is either
+ * libuv's thread pool, each suspending only its own fiber (and one synchronous directory
+ * listing, for the app loader). A request in flight is either
  * resumed or detached (fiber = NULL), and a detached one's callback only frees. A descriptor
  * is closed only once no request on it is in flight: the kernel reuses numbers at once. */
 #include "fs.h"
@@ -254,6 +255,42 @@ static int l_fs_lstat(lua_State *L) { return path_call(L, OP_LSTAT, "fs.lstat");
 /* realpath(path) -> the absolute path with every link, "." and ".." resolved | nil, msg, code */
 static int l_fs_realpath(lua_State *L) { return path_call(L, OP_REALPATH, "fs.realpath"); }
 
+/* list(path) -> { { name =, type = "file"|"dir"|"link"|"other"|"unknown" }, ... } (any order,
+ * without "." and "..") | nil, msg, code. Synchronous, on the calling thread: the app loader
+ * lists a few local directories at boot and at each reload, and must not yield half-way
+ * through swapping modules. Not for directories on slow or network file systems. */
+static int l_fs_list(lua_State *L) {
+  const char *path = check_path(L);
+  uv_fs_t req;
+  uv_dirent_t ent;
+  int rc, n = 0;
+  if (!path) return push_error(L, "path contains a NUL byte", "EINVAL");
+  rc = uv_fs_scandir(fb_sched_loop(), &req, path, 0, NULL);
+  if (rc < 0) {
+    uv_fs_req_cleanup(&req);
+    return push_uv_error(L, rc);
+  }
+  lua_createtable(L, rc, 0);                 /* stack: list */
+  while (uv_fs_scandir_next(&req, &ent) != UV_EOF) {
+    const char *type;
+    switch (ent.type) {
+    case UV_DIRENT_FILE: type = "file"; break;
+    case UV_DIRENT_DIR: type = "dir"; break;
+    case UV_DIRENT_LINK: type = "link"; break;
+    case UV_DIRENT_UNKNOWN: type = "unknown"; break;
+    default: type = "other"; break;
+    }
+    lua_createtable(L, 0, 2);                /* stack: list entry */
+    lua_pushstring(L, ent.name);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, type);
+    lua_setfield(L, -2, "type");
+    lua_rawseti(L, -2, ++n);
+  }
+  uv_fs_req_cleanup(&req);
+  return 1;
+}
+
 /* open(path [, "nofollow"]) -> file | nil, msg, code. Read-only. O_NONBLOCK keeps a FIFO
  * from holding a pool thread until a writer comes (it does nothing to regular files);
  * "nofollow" fails with ELOOP when the last component is a symbolic link. */
@@ -378,6 +415,7 @@ static const luaL_Reg fs_funcs[] = {
   { "lstat", l_fs_lstat },
   { "realpath", l_fs_realpath },
   { "open", l_fs_open },
+  { "list", l_fs_list },
   { "live", l_fs_live },
   { NULL, NULL }
 };

@@ -76,6 +76,7 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   c->state = CS_CLOSING;
   spans_put(c);
   fb_http_detach_response(c);      /* the handler's res object now reports closed */
+  fb_http_wake_close_waiter(c, "closed");
   if (c->write_waiter) {
     fb_fiber_t *f = c->write_waiter;
     c->write_waiter = NULL;
@@ -94,49 +95,6 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   server_maybe_free(srv);
 }
 
-static void on_timeout(uv_timer_t *t) {
-  fb_http_conn_t *c = t->data;
-  switch (c->state) {
-  case CS_IDLE:                    /* idle keep-alive, or a response the client never read */
-    if (c->write_queued)
-      fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
-    fb_http_conn_close(c);
-    break;
-  case CS_HEAD:
-  case CS_BODY:
-    fb_log(FB_WARN, "http", "conn=%u reason=%s status=408", c->id,
-           c->state == CS_HEAD ? "header_timeout" : "body_timeout");
-    fb_http_send_error(c, 408);
-    break;
-  case CS_DISPATCHED:
-  case CS_CLOSING:                 /* armed only while response bytes are stuck */
-    fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
-    fb_http_conn_close(c);
-    break;
-  }
-}
-
-static void arm_timer(fb_http_conn_t *c, uint64_t ms) {
-  if (ms == 0) uv_timer_stop(&c->timer);
-  else uv_timer_start(&c->timer, on_timeout, ms, 0);
-}
-
-void fb_http_write_progress(fb_http_conn_t *c) {
-  fb_http_limits_t *lim = &c->srv->limits;
-  if (c->closes) return;
-  switch (c->state) {
-  case CS_IDLE:
-    arm_timer(c, c->write_queued ? lim->send_timeout_ms : lim->keepalive_timeout_ms);
-    break;
-  case CS_DISPATCHED:              /* the handler runs as long as it likes; a stuck client not */
-  case CS_CLOSING:
-    arm_timer(c, c->write_queued ? lim->send_timeout_ms : 0);
-    break;
-  default:                         /* reading a request: its own timer applies */
-    break;
-  }
-}
-
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   /* One buffer serves every connection: a read is parsed or copied before the next one. */
   static char chunk[READ_CHUNK];
@@ -153,6 +111,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     c->peer_eof = 1;
     uv_read_stop(s);
     c->reading = 0;
+    fb_http_wake_close_waiter(c, "eof");   /* a stream ends when its client leaves */
     if (c->state != CS_DISPATCHED) fb_http_conn_close(c);
     return;
   }
@@ -218,7 +177,7 @@ static void on_connection(uv_stream_t *ls, int status) {
     fb_http_send_error(c, 503);
     return;
   }
-  arm_timer(c, srv->limits.header_timeout_ms);
+  fb_http_arm_timer(c, srv->limits.header_timeout_ms);
   start_reading(c);
 }
 
@@ -241,8 +200,8 @@ static int on_message_begin(llhttp_t *p) {
   c->expect_continue = 0;
   c->status = 0;
   c->state = CS_HEAD;
-  c->started_ns = uv_hrtime();
-  arm_timer(c, c->srv->limits.header_timeout_ms);
+  if (c->srv->access_log) c->started_ns = uv_hrtime();   /* only the access log reads it */
+  fb_http_arm_timer(c, c->srv->limits.header_timeout_ms);
   return 0;
 }
 
@@ -298,7 +257,17 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 static const char *bad_line_end_in_head(fb_http_conn_t *c, const char *data, size_t len) {
   size_t i;
   for (i = 0; i < len && c->head_scan != 4; i++) {
-    char ch = data[i];
+    char ch;
+    if (c->head_scan == 0) {
+      /* Outside a line end only the byte before the next LF matters: jump to it. */
+      const char *lf = memchr(data + i, '\n', len - i);
+      size_t j = lf ? (size_t)(lf - data) : len;
+      if (j >= i + 2) {
+        c->scan_prev = data[j - 2];
+        i = j - 1;
+      }
+    }
+    ch = data[i];
     if (ch == '\n' && c->scan_prev != '\r') return "bare_lf";
     if ((ch == ' ' || ch == '\t') && c->head_scan == 2) return "obs_fold";
     /* head_scan counts the bytes of CR LF CR LF seen so far */
@@ -345,7 +314,8 @@ static int on_headers_complete(llhttp_t *p) {
         return HPE_USER;                     /* the connection is closing: parse no further */
     }
     c->state = CS_BODY;
-    arm_timer(c, lim->body_timeout_ms);
+    c->body_due = lim->body_deadline_ms ? uv_now(H.loop) + lim->body_deadline_ms : 0;
+    fb_http_arm_body_timer(c);
   }
   return 0;
 }
@@ -354,7 +324,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   fb_http_conn_t *c = p->data;
   if (c->closes) return HPE_USER;
   if (fb_buf_append(&c->body, at, len) != 0) return fail(c, 413, "body_too_large");
-  arm_timer(c, c->srv->limits.body_timeout_ms);    /* idle time, so re-armed per chunk */
+  fb_http_arm_body_timer(c);        /* idle time, so re-armed per chunk */
   return 0;
 }
 
@@ -424,7 +394,11 @@ static void dispatch(fb_http_conn_t *c) {
     lua_rawset(L, -3);
   }
   lua_rawgeti(L, keys, K_TARGET);
-  lua_pushlstring(L, url, c->url_len);
+  if (q) lua_pushlstring(L, url, c->url_len);
+  else {                                     /* the path again: no second string lookup */
+    lua_rawgeti(L, keys, K_PATH);
+    lua_rawget(L, -3);
+  }
   lua_rawset(L, -3);
   lua_rawgeti(L, keys, K_VERSION);
   lua_pushstring(L, c->http10 ? "1.0" : "1.1");
@@ -467,7 +441,7 @@ static int on_message_complete(llhttp_t *p) {
   fb_http_conn_t *c = p->data;
   if (c->closes) return HPE_USER;            /* never dispatch on a closing connection */
   c->state = CS_DISPATCHED;
-  uv_timer_stop(&c->timer);
+  fb_http_arm_timer(c, 0);
   dispatch(c);
   return HPE_PAUSED;                         /* the next request waits for this response */
 }
@@ -640,11 +614,13 @@ static int l_listen(lua_State *L) {
   srv->limits.header_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 10) * 1000);
   lua_getfield(L, 1, "body_timeout");
   srv->limits.body_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
+  lua_getfield(L, 1, "body_deadline");
+  srv->limits.body_deadline_ms = (uint64_t)(luaL_optnumber(L, -1, 60) * 1000);
   lua_getfield(L, 1, "keepalive_timeout");
   srv->limits.keepalive_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 5) * 1000);
   lua_getfield(L, 1, "send_timeout");
   srv->limits.send_timeout_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
-  lua_pop(L, 4);
+  lua_pop(L, 5);
   lua_getfield(L, 1, "access_log");
   srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
   lua_pop(L, 1);

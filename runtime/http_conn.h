@@ -18,7 +18,8 @@ typedef struct fb_http_conn_s fb_http_conn_t;
 
 typedef struct {
   size_t max_header_bytes, max_body_bytes, max_url_bytes, write_high_water;
-  uint64_t header_timeout_ms, body_timeout_ms, keepalive_timeout_ms, send_timeout_ms;
+  uint64_t header_timeout_ms, body_timeout_ms, body_deadline_ms, keepalive_timeout_ms,
+           send_timeout_ms;
   unsigned max_connections;
 } fb_http_limits_t;
 
@@ -37,7 +38,7 @@ struct fb_http_server_s {
 typedef enum {
   CS_IDLE,        /* between requests: keep-alive timer armed */
   CS_HEAD,        /* reading a request head: header timer armed */
-  CS_BODY,        /* reading a body: body timer (idle) armed */
+  CS_BODY,        /* reading a body: body timer (idle, capped by the body deadline) armed */
   CS_DISPATCHED,  /* the handler fiber owns the request; parsing paused */
   CS_CLOSING
 } conn_state_t;
@@ -48,7 +49,10 @@ typedef struct {
 
 struct fb_http_conn_s {
   uv_tcp_t tcp;             /* first: the handle's pointer is the connection's */
-  uv_timer_t timer;         /* header, body or keep-alive timeout, whichever applies */
+  uv_timer_t timer;         /* fires at timer_due for the deadline below (fb_http_arm_timer) */
+  uint64_t deadline;        /* loop ms of the header, body, keep-alive or send timeout, or 0 */
+  uint64_t timer_due;       /* when the timer fires, or 0 when it is not armed */
+  uint64_t body_due;        /* loop ms by which the body must be complete (body_deadline), or 0 */
   llhttp_t parser;
   fb_http_server_t *srv;
   fb_http_conn_t *next, *prev;
@@ -79,6 +83,8 @@ struct fb_http_conn_s {
   long long content_length; /* res:start's declared length, or -1 (chunked) */
   size_t write_queued;      /* bytes handed to uv_write and not yet written */
   fb_fiber_t *write_waiter; /* a fiber suspended in res:write until the queue drains */
+  fb_fiber_t *close_waiter; /* a fiber in res:wait_closed (a stream) until the client leaves */
+  fb_fiber_t *close_cancels; /* res:cancel_on_close's fiber: cancelled when the client leaves */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
   char method[24];
@@ -87,11 +93,20 @@ struct fb_http_conn_s {
 
 /* http.c */
 void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the close callbacks */
+/* The response is complete: log it, then read the next request or close. */
+void fb_http_request_done(fb_http_conn_t *c);
+
+/* http_timeout.c */
+/* The connection's timeout (header, body, keep-alive or send, by state): ms from now, 0 none. */
+void fb_http_arm_timer(fb_http_conn_t *c, uint64_t ms);
+/* Reading a body: body_timeout of idle time, but never past body_due (body_deadline). */
+void fb_http_arm_body_timer(fb_http_conn_t *c);
 /* The response's bytes are stuck or moving: re-arms the send timeout while some are queued
  * (the client must keep reading), or the keep-alive timeout once an idle connection's are out. */
 void fb_http_write_progress(fb_http_conn_t *c);
-/* The response is complete: log it, then read the next request or close. */
-void fb_http_request_done(fb_http_conn_t *c);
+
+/* Wakes the fiber in res:wait_closed, if any: the client left (eof) or the connection closes. */
+void fb_http_wake_close_waiter(fb_http_conn_t *c, const char *why);
 
 /* http_write.c */
 int fb_http_write(fb_http_conn_t *c, const char *p1, size_t n1, const char *p2, size_t n2);

@@ -172,7 +172,7 @@ void fb_http_send_error(fb_http_conn_t *c, int status) {
                    status, reason, date_header(), strlen(reason) + 1, reason);
   uv_read_stop((uv_stream_t *)&c->tcp);
   c->reading = 0;
-  uv_timer_stop(&c->timer);
+  fb_http_arm_timer(c, 0);
   c->status = status;
   c->state = CS_CLOSING;
   if (fb_http_write(c, head, (size_t)n, NULL, 0) == 0 && c->write_queued == 0)
@@ -413,6 +413,97 @@ static int l_res_write(lua_State *L) {
   return 1;
 }
 
+/* res:push(chunk, limit) -> true | false, "closed" | "slow": writes one chunk of a streamed
+ * response without ever suspending (a broadcast writes to many streams from one fiber). When
+ * more than limit bytes wait for the client, it is not reading: the connection is dropped. */
+static int l_res_push(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  lua_Number limit = luaL_checknumber(L, 3);
+  if (!c) {
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
+  if (!c->head_sent || !c->chunked) return luaL_error(L, "http: res:push needs a chunked res:start");
+  if (c->res_done) return luaL_error(L, "http: res:push after the response ended");
+  if (len > 0 && !c->head_only) {
+    char size[24];
+    uv_buf_t b[3];
+    int n = snprintf(size, sizeof size, "%zx\r\n", len);
+    b[0] = uv_buf_init(size, (unsigned)n);
+    b[1] = uv_buf_init((char *)data, (unsigned)len);
+    b[2] = uv_buf_init("\r\n", 2);
+    c->bytes_sent += len;
+    if (writev_bufs(c, b, 3) != 0) {
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "closed");
+      return 2;
+    }
+  }
+  if ((lua_Number)c->write_queued > limit) {
+    fb_log(FB_WARN, "http", "conn=%u reason=slow_stream queued=%zu", c->id, c->write_queued);
+    fb_http_conn_close(c);
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "slow");
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+void fb_http_wake_close_waiter(fb_http_conn_t *c, const char *why) {
+  fb_fiber_t *f = c->close_waiter;
+  lua_State *co;
+  if (c->close_cancels && why[0] != 'f') {   /* not on "finished": the stream ended itself */
+    fb_fiber_t *t = c->close_cancels;
+    c->close_cancels = NULL;
+    fb_fiber_cancel(t);
+  }
+  if (!f) return;
+  c->close_waiter = NULL;
+  co = fb_fiber_thread(f);
+  lua_pushboolean(co, 1);
+  lua_pushstring(co, why);
+  fb_fiber_ready(f, 2);
+}
+
+static void close_wait_cancel(fb_fiber_t *f, void *data) {
+  fb_http_conn_t *c = data;
+  (void)f;
+  c->close_waiter = NULL;
+}
+
+/* res:wait_closed([timeout]) -> true, "closed" | "eof": suspends until the client leaves or
+ * the connection is closed (by res:abort, the server's shutdown, a failed write...). */
+static int l_res_wait_closed(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  double timeout = luaL_optnumber(L, 2, -1);
+  fb_fiber_t *f;
+  if (!c || c->peer_eof) {
+    lua_pushboolean(L, 1);
+    lua_pushstring(L, c ? "eof" : "closed");
+    return 2;
+  }
+  if (c->close_waiter) return luaL_error(L, "http: another fiber is already in res:wait_closed");
+  f = fb_fiber_check(L, "res:wait_closed");
+  c->close_waiter = f;
+  fb_fiber_on_cancel(f, close_wait_cancel, c);
+  return fb_fiber_suspend(L, f, timeout);
+}
+
+/* res:cancel_on_close(on): while on, the calling fiber is cancelled (fibril.cancel) when the
+ * client leaves or the connection closes, so a stream handler waiting on anything ends.
+ * The caller must turn it off before the fiber ends (fibril.sse does, whatever happens). */
+static int l_res_cancel_on_close(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  int on = lua_toboolean(L, 2);
+  if (!c) return 0;
+  c->close_cancels = on ? fb_fiber_check(L, "res:cancel_on_close") : NULL;
+  return 0;
+}
+
 /* res:finish(): ends a streamed response. */
 static int l_res_finish(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
@@ -420,6 +511,7 @@ static int l_res_finish(lua_State *L) {
   if (!c->head_sent) return luaL_error(L, "http: res:finish before res:start");
   if (c->res_done) return luaL_error(L, "http: response already ended");
   c->res_done = 1;
+  fb_http_wake_close_waiter(c, "finished");
   /* Fewer bytes than the Content-Length promised: only closing tells the client. */
   if (c->content_length >= 0 && !c->head_only && (long long)c->bytes_sent != c->content_length)
     c->keep_alive = 0;
@@ -455,6 +547,13 @@ static int l_res_closed(lua_State *L) {
   return 1;
 }
 
+/* res:gone(): the connection closed, or the client closed its side (it will not read). */
+static int l_res_gone(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  lua_pushboolean(L, c == NULL || c->peer_eof);
+  return 1;
+}
+
 static int l_res_started(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
   lua_pushboolean(L, c == NULL || c->head_sent);
@@ -483,7 +582,9 @@ int luaopen_fibril_core_http_response(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "send", l_res_send }, { "start", l_res_start }, { "write", l_res_write },
     { "finish", l_res_finish }, { "closed", l_res_closed }, { "started", l_res_started },
-    { "remote", l_res_remote }, { "abort", l_res_abort }, { NULL, NULL }
+    { "remote", l_res_remote }, { "abort", l_res_abort }, { "push", l_res_push },
+    { "wait_closed", l_res_wait_closed }, { "cancel_on_close", l_res_cancel_on_close }, { "gone", l_res_gone },
+    { NULL, NULL }
   };
   if (luaL_newmetatable(L, RES_MT)) {      /* stack: mt */
     lua_newtable(L);

@@ -212,6 +212,29 @@ describe("fibril run", function()
     assert.matches('msg="draining"', h.log(), 1, true)
   end)
 
+  it("takes http.body_deadline from config and logs a body past it", function()
+    local dir = support.tmpdir() .. "/deadline" .. math.random(1e9)
+    support.write(dir:sub(#support.tmpdir() + 2) .. "/routes.lua",
+                  'return function(r) r:post("/", function(_, res) res:send(200, {}, "ok") end) end')
+    support.write(dir:sub(#support.tmpdir() + 2) .. "/config/app.lua",
+                  "return { test = { http = { body_timeout = 0.3, body_deadline = 0.4 } } }")
+    local h = support.start_app(dir, "--env test")
+    local sock = support.connect(h.port)
+    sock:write("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n")
+    local res
+    fibril.schedule(function() res = support.read_response(sock) end)
+    for _ = 1, 100 do
+      if res then break end
+      pcall(sock.write, sock, "x")          -- the server may have closed by now
+      fibril.sleep(0.05)
+    end
+    assert.are.equal(408, res and res.status)
+    sock:close()
+    assert.matches("level=warn sub=http conn=%d+ reason=body_deadline status=408", h.log())
+    h.stop("TERM")
+    assert.is_true(h.wait_exit(5))
+  end)
+
   it("says in one line that the port is in use, and exits non-zero", function()
     local srv, port = support.http_server(function(_, res) res:send(200, nil, "") end)
     local status, _, err = support.run(("run %s --port %d --env test"):format(FIXTURE, port))

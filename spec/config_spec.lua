@@ -34,6 +34,7 @@ local DESIGN_DEFAULTS = {
     max_url_bytes    = 8192,
     header_timeout   = 10,
     body_timeout     = 30,
+    body_deadline    = 60,
     keepalive_timeout = 5,
     send_timeout = 30,
     max_connections  = 10000,
@@ -41,14 +42,16 @@ local DESIGN_DEFAULTS = {
     write_high_water = 262144,
   },
   sse = { heartbeat = 15, replay = 0, max_buffer = 262144 },
-  pubsub = { adapter = "local", retention = 300 },
+  pubsub = { adapter = "local", retention = 300, stream = "fibril:pubsub" },
   redis = { pool = 10, connect_timeout = 5, timeout = 5 },
-  database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30 },
+  database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30,
+               connect_timeout = 5, max_result_bytes = 67108864 },   -- the last two: issue 7
   http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil,
                   max_connections = 256, idle_timeout = 30, max_body = 16777216,
                   max_header_bytes = 65536, max_redirects = 5 },
   deferred = { backend = "journal", path = "storage/deferred", concurrency = 16,
                retries = 20, fsync = "always" },
+  daemons = { backoff_min = 0.1, backoff_max = 30, reset_after = 60 },   -- docs/daemons.md
 }
 
 describe("config.defaults", function()

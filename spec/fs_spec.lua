@@ -49,6 +49,16 @@ describe("fibril.core.fs", function()
     assert.are.equal("ELOOP", select(3, fs.open(dir .. "/link.txt", "nofollow")))
   end)
 
+  it("lists a directory synchronously, with each entry's type", function()
+    support.write("fs/sub/.keep", "")
+    local list = assert(fs.list(dir))
+    local types = {}
+    for _, e in ipairs(list) do types[e.name] = e.type end
+    assert.are.same({ ["ten.txt"] = "file", ["link.txt"] = "link", sub = "dir" }, types)
+    assert.are.same({ nil, "no such file or directory", "ENOENT" }, { fs.list(dir .. "/none") })
+    assert.are.same({ nil, "path contains a NUL byte", "EINVAL" }, { fs.list(dir .. "\0x") })
+  end)
+
   it("reads at an offset, returns an empty string at the end, and fstats", function()
     local f = assert(fs.open(dir .. "/ten.txt"))
     assert.are.equal("0123", f:read(4, 0))

@@ -161,6 +161,37 @@ describe("the HTTP server's limits", function()
     srv:close()
   end)
 
+  it("answers 408 to a body trickled in past body_deadline, though it never stalls", function()
+    local srv, port = server({ body_timeout = 0.3, body_deadline = 0.5 })
+    local sock = support.connect(port)
+    sock:write("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+    local res
+    fibril.schedule(function() res = support.read_response(sock) end)
+    for _ = 1, 100 do                        -- a byte every 0.05 s: never idle for body_timeout
+      if res then break end
+      pcall(sock.write, sock, "x")          -- the server may have closed by now
+      fibril.sleep(0.05)
+    end
+    assert.are.equal(408, res and res.status)
+    sock:close()
+    srv:close()
+  end)
+
+  it("takes a body that keeps coming and ends within body_deadline", function()
+    local srv, port = server({ body_timeout = 0.3, body_deadline = 5 })
+    local sock = support.connect(port)
+    sock:write("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n")
+    for _ = 1, 4 do
+      fibril.sleep(0.05)
+      sock:write("y")
+    end
+    local res = support.read_response(sock)
+    assert.are.equal(200, res.status)
+    assert.are.equal("POST / 4:yyyy", res.body)
+    sock:close()
+    srv:close()
+  end)
+
   it("closes a keep-alive connection idle for keepalive_timeout", function()
     local srv, port = server({ keepalive_timeout = 0.2 })
     local res, sock = support.raw(port, "GET / HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -36,6 +36,62 @@ describe("fibril.json", function()
     assert.has_error(function() json.encode({ x = math.huge }) end)
   end)
 
+  local util = { deep_equal = function(a, b) return require("luassert.util").deepcompare(a, b, true) end }
+
+  it("writes the same bytes as cjson alone, for values its fast path takes and those it does not", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local strings = { "", "a", "Hello, World!", "q\"b\\s/\n\t\0\1", "\xc3\xa9t\xc3\xa9", "\xff" }
+    local numbers = { 0, -0.0, 1, -1, 42, 2 ^ 31, -2 ^ 40, 99999999999999, 1e14, -1e14, 1e15, 0.5,
+                      -3.25, 1 / 3, 1e-7, 123456.789, 2 ^ 53 }
+    local function value(depth)
+      local r = math.random(depth > 3 and 6 or 10)
+      if r == 1 then return strings[math.random(#strings)]
+      elseif r == 2 or r == 3 then return numbers[math.random(#numbers)]
+      elseif r == 4 then return math.random(2) == 1
+      elseif r == 5 then return json.null
+      elseif r == 6 then return math.random(-1000, 1000)
+      elseif r == 7 then                   -- a sequence, sometimes marked, sometimes empty
+        local t = {}
+        for i = 1, math.random(0, 4) do t[i] = value(depth + 1) end
+        return math.random(2) == 1 and json.array(t) or t
+      elseif r == 8 then                   -- an object
+        local t = {}
+        for _ = 1, math.random(0, 4) do t[strings[math.random(#strings)] .. math.random(9)] = value(depth + 1) end
+        return t
+      elseif r == 9 then                   -- shapes the fast path leaves to cjson
+        local t = { value(depth + 1), value(depth + 1) }
+        local k = math.random(4)
+        if k == 1 then t[4] = 1                                  -- a hole
+        elseif k == 2 then t.name = "x"                          -- mixed keys
+        elseif k == 3 then t = { [3] = true, [10] = false }      -- sparse
+        else t = setmetatable({ 1 }, { __index = {} }) end       -- another metatable
+        return t
+      else
+        return { nested = value(depth + 1), list = { value(depth + 1), value(depth + 1) } }
+      end
+    end
+    -- cjson alone goes through a copy of any table holding an empty json.array, and a copy may
+    -- list its keys in another order: those are compared decoded.
+    local function copied(v)
+      if type(v) ~= "table" then return false end
+      if getmetatable(v) == json.array_mt and next(v) == nil then return true end
+      for _, x in pairs(v) do if copied(x) then return true end end
+      return false
+    end
+    for i = 1, 3000 do
+      local v = value(0)
+      local ok, want = json._encode_cjson(v)
+      assert(ok, want)
+      local got = json.encode(v)
+      local same = got == want
+      if not same and copied(v) then same = util.deep_equal(json.decode(got), json.decode(want)) end
+      if not same then
+        error(("value %d (seed %d): json.encode gave %s, cjson %s"):format(i, seed, got, want))
+      end
+    end
+  end)
+
   it("refuses nesting deeper than 200 levels instead of exhausting the C stack", function()
     local deep = ("["):rep(1000) .. ("]"):rep(1000)
     assert.is_nil((json.try_decode(deep)))

@@ -121,13 +121,23 @@ function M.raw(port, bytes, head)
   return M.read_response(sock, head), sock
 end
 
+-- "NAME='value' ..." for a shell command line (values single-quoted).
+local function env_prefix(env)
+  local parts = {}
+  for k, v in pairs(env or {}) do
+    parts[#parts + 1] = k .. "='" .. tostring(v):gsub("'", "'\\''") .. "' "
+  end
+  return table.concat(parts)
+end
+
 --- Starts `fibril run APP ARGS` as a child process on a free port; returns a handle with
---- port, pid, log() and stop(signal). Waits until the server says it listens.
-function M.start_app(app_dir, args)
+--- port, pid, log() and stop(signal). Waits until the server says it listens. env adds
+--- variables to the child's environment ({ QUEUE_KEY = "k" }).
+function M.start_app(app_dir, args, env)
   local fibril = require "fibril"
   local log = M.tmpdir() .. "/app-" .. math.random(1e9) .. ".log"
-  local p = io.popen(("%s run '%s' --port 0 %s >%s 2>&1 & echo $!")
-                     :format(M.fibril, app_dir, args or "", log))
+  local p = io.popen(("%s%s run '%s' --port 0 %s >%s 2>&1 & echo $!")
+                     :format(env_prefix(env), M.fibril, app_dir, args or "", log))
   local pid = tonumber(p:read("*l"))
   p:close()
   local handle = { pid = pid }
@@ -287,7 +297,7 @@ end
 --- one still running is killed by stop_redis_servers().
 function M.redis_server(extra)
   for _ = 1, 20 do
-    local port = math.random(20000, 50000)
+    local port = math.random(20000, 32000)   -- below the ephemeral range (32768 up)
     if not redis_ping(port) then
       local s = setmetatable({ port = port, extra = extra,
         url = "redis://127.0.0.1:" .. port .. "/0",

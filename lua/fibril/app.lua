@@ -1,12 +1,14 @@
 --- fibril.app: loads an app directory: config/app.lua for the environment, routes.lua, the
---- controllers the routes name, and APP/lib on package.path. Every boot error names the file
---- (and line, when Lua knows it) and says what to do.
+--- controllers the routes name, the daemons in APP/daemons, and APP/lib on package.path.
+--- Every boot error names the file (and line, when Lua knows it) and says what to do.
 local config = require "fibril.config"
 local Router = require "fibril.router"
 local Controller = require "fibril.controller"
+local Daemon = require "fibril.daemon"
+local fs = require "fibril.core.fs"
 
-local type, error, pcall, loadfile, tostring, ipairs, format =
-      type, error, pcall, loadfile, tostring, ipairs, string.format
+local type, error, pcall, loadfile, tostring, ipairs, format, sort, rawget =
+      type, error, pcall, loadfile, tostring, ipairs, string.format, table.sort, rawget
 local open = io.open
 
 local M = {}
@@ -63,8 +65,50 @@ local function load_controller(dir, name)
   return C
 end
 
+-- Every APP/daemons/*.lua, in file name order; each must return a daemon class. The name
+-- defaults to the file's; two daemons may not share a name (it tags their log lines).
+local function load_daemons(dir)
+  local entries, err, code = fs.list(dir .. "/daemons")
+  if not entries then
+    if code == "ENOENT" then return {} end
+    boot_error(format("cannot list %s/daemons: %s", dir, tostring(err)))
+  end
+  local names = {}
+  for _, e in ipairs(entries) do
+    -- Hidden files (editor locks) are skipped; a dot inside the name would make require
+    -- look in a subdirectory, so it is an error rather than a file silently left out.
+    local base = e.type ~= "dir" and e.name:match("^([^.].*)%.lua$")
+    if base and base:find(".", 1, true) then
+      boot_error(format("%s/daemons/%s: a daemon file's name cannot contain '.' (require reads "
+                        .. "it as a directory)", dir, e.name))
+    end
+    if base then names[#names + 1] = base end
+  end
+  sort(names)
+  local daemons, seen = {}, {}
+  for _, base in ipairs(names) do
+    local file = dir .. "/daemons/" .. base .. ".lua"
+    local ok, D = pcall(require, "daemons." .. base)
+    if not ok then boot_error(tostring(D)) end
+    if not Daemon.is_daemon(D) then
+      boot_error(format('%s: must return a daemon (Daemon:extend("Name")), got %s', file, type(D)))
+    end
+    if rawget(D, "name") == nil then D.name = base end
+    if D.scope ~= "node" and D.scope ~= "worker" then
+      boot_error(format('%s: scope must be "node" or "worker", got %s', file, tostring(D.scope)))
+    end
+    if D.perform == Daemon.perform then boot_error(file .. ": the daemon has no perform method") end
+    if seen[D.name] then
+      boot_error(format("%s and %s both name their daemon '%s'", seen[D.name], file, D.name))
+    end
+    seen[D.name] = file
+    daemons[#daemons + 1] = D
+  end
+  return daemons
+end
+
 --- Loads the app at dir for env; overrides are command-line settings ({ port = 4000 }).
----@return table app { dir, env, config, router, controllers, public }
+---@return table app { dir, env, config, router, controllers, daemons, public }
 function M.load(dir, env, overrides)
   if type(dir) ~= "string" or not is_dir(dir) then
     boot_error(format("no app directory at '%s'", tostring(dir)))
@@ -84,9 +128,11 @@ function M.load(dir, env, overrides)
                         dir, route.method, route.path, route.target, name, route.action))
     end
   end
+  local daemons = load_daemons(dir)
   local public = dir .. "/public"
   return {
     dir = dir, env = cfg.env, config = cfg, router = router, controllers = controllers,
+    daemons = daemons,
     overrides = overrides,
     public = is_dir(public) and public or nil,
   }

@@ -10,8 +10,8 @@ local json = require "fibril.json"
 local url = require "fibril.url"
 local executor = require "fibril.executor"
 
-local type, error, pairs, ipairs, setmetatable, rawget, tostring, xpcall =
-      type, error, pairs, ipairs, setmetatable, rawget, tostring, xpcall
+local type, error, pairs, ipairs, next, setmetatable, rawget, tostring, xpcall =
+      type, error, pairs, ipairs, next, setmetatable, rawget, tostring, xpcall
 local find, gsub, lower, format, match = string.find, string.gsub, string.lower,
                                          string.format, string.match
 local concat = table.concat
@@ -87,13 +87,24 @@ local function check_not_rendered(self)
   end
 end
 
+-- self._response is { status, headers, body, content_type, sse }: an array (one allocation). The
+-- headers are never written to; content_type, when set, is a Content-Type to add to them.
+-- response_headers puts them together when the response is sent.
+
 --- Sets the response. Exactly one body kind: json, text, html or body (a string);
---- status (default 200), headers (a table), content_type override.
+--- status (default 200), headers (a table), content_type override. Or sse = sse.stream(...):
+--- an event stream that lasts until the client leaves (docs/sse.md).
 function Controller:render(opts)
   check_not_rendered(self)
   if type(opts) ~= "table" then error("render: expected a table ({ json = ... }, { text = ... })", 2) end
   local body, ctype
-  if opts.json ~= nil then
+  if opts.sse ~= nil then        -- a stream: fibril.sse serves it once the action returns
+    if type(opts.sse) ~= "table" or not (opts.sse.channels or opts.sse.fn) then
+      error("render: sse expects sse.stream(channel, ...) or sse.stream(function(stream) ... end)", 2)
+    end
+    self._response = { 200, opts.headers, "", nil, opts.sse }
+    return
+  elseif opts.json ~= nil then
     body, ctype = json.encode(opts.json), "application/json"
   elseif opts.text ~= nil then
     body, ctype = tostring(opts.text), "text/plain; charset=utf-8"
@@ -104,16 +115,21 @@ function Controller:render(opts)
   else
     body = ""
   end
-  local headers = {}
-  if opts.headers then for k, v in pairs(opts.headers) do headers[k] = v end end
-  if ctype and not headers["Content-Type"] then headers["Content-Type"] = opts.content_type or ctype end
-  self._response = { status = opts.status or 200, headers = headers, body = body }
+  if ctype then ctype = opts.content_type or ctype end
+  local headers = opts.headers
+  if headers then                    -- a copy: the app may change its table afterwards
+    local h = {}
+    for k, v in pairs(headers) do h[k] = v end
+    if ctype and not h["Content-Type"] then h["Content-Type"] = ctype end
+    headers, ctype = h, nil
+  end
+  self._response = { opts.status or 200, headers, body, ctype }
 end
 
 --- Responds with a status and no body.
 function Controller:head(status, headers)
   check_not_rendered(self)
-  self._response = { status = status or 200, headers = headers or {}, body = "" }
+  self._response = { status or 200, headers, "" }
 end
 
 --- Redirects to a URL (status 302 by default; 301, 303, 307, 308 as given).
@@ -122,7 +138,7 @@ function Controller:redirect_to(location, status)
   if type(location) ~= "string" or find(location, "[\r\n%z]") then
     error("redirect_to: the location must be a string without CR, LF or NUL", 2)
   end
-  self._response = { status = status or 302, headers = { Location = location }, body = "" }
+  self._response = { status or 302, { Location = location }, "" }
 end
 
 ---@return boolean whether the action has rendered (or redirected, or headed)
@@ -185,8 +201,11 @@ local headers_mt = { __index = header_index }
 ---@return table|nil params, string|nil error (an unparsable body)
 local function build_params(req, path_params)
   local params = {}
-  for k, v in pairs(path_params) do params[k] = v end
-  if req.query then url.parse_query(req.query, params) end
+  if next(path_params) ~= nil then           -- (a loop that never runs stops the JIT's trace)
+    for k, v in pairs(path_params) do params[k] = v end
+  end
+  local query = rawget(req, "query")         -- (no __index call for the usual absent query)
+  if query then url.parse_query(query, params) end
   local body = req.body
   if body and body ~= "" then
     local ctype = req.headers["content-type"] or ""
@@ -222,15 +241,20 @@ local function call_filter(self, fn)
   return fn(self)
 end
 
+-- Numeric loops: most controllers have no filters, and a loop that never runs keeps the JIT
+-- from tracing this function as ipairs does.
 local function run_action(self, C, action)
-  for _, f in ipairs(C._before) do
+  local before, after = C._before, C._after
+  for i = 1, #before do
+    local f = before[i]
     if applies(f, action) then
       call_filter(self, f.fn)
       if self._response then return end          -- a before action rendered: halt
     end
   end
   C[action](self)
-  for _, f in ipairs(C._after) do
+  for i = 1, #after do
+    local f = after[i]
     if applies(f, action) then call_filter(self, f.fn) end
   end
 end
@@ -259,10 +283,11 @@ local function finish(self, C, ok, err)
   end
 end
 
---- Serves one request with controller class C's action. Returns the response table
---- { status, headers, body }; raises what no rescue_from handled.
----@return table
-function Controller.dispatch(C, action, req, path_params, controller_name)
+local NO_CONTENT = { 204, nil, "" }
+local PLAIN = "text/plain"
+
+-- Runs the request; returns the controller instance, its response set.
+local function run(C, action, req, path_params, controller_name)
   setmetatable(req.headers, headers_mt)
   local params, perr = build_params(req, path_params)
   local self = setmetatable({
@@ -271,13 +296,56 @@ function Controller.dispatch(C, action, req, path_params, controller_name)
     cookies = parse_cookies(rawget(req.headers, "cookie")),
   }, C)
   if perr then
-    self._response = { status = 400, headers = { ["Content-Type"] = "text/plain" }, body = perr .. "\n" }
-    return self._response
+    self._response = { 400, nil, perr .. "\n", PLAIN }
+    return self
   end
   finish(self, C, xpcall(run_action, with_traceback, self, C, action))
-  local res = self._response or { status = 204, headers = {}, body = "" }
-  if self._set_cookies then res.headers["Set-Cookie"] = self._set_cookies end
-  return res
+  if not self._response then self._response = NO_CONTENT end
+  return self
+end
+
+-- Headers of a response with only a Content-Type (most of them) are shared, read-only tables,
+-- one per content type (at most 64 of them): the server only reads them.
+local by_type, ntypes, NO_HEADERS = {}, 0, {}
+
+-- The response headers: the app's, plus Content-Type unless it gave one, plus Set-Cookie.
+-- shared: may return a table that must not be written to (for the server).
+local function response_headers(r, cookies, shared)
+  local given, ctype = r[2], r[4]
+  if shared and not given and not cookies then
+    if not ctype then return NO_HEADERS end
+    local h = by_type[ctype]
+    if h then return h end
+    if ntypes < 64 then
+      h = { ["Content-Type"] = ctype }
+      by_type[ctype], ntypes = h, ntypes + 1
+      return h
+    end
+  end
+  local headers = {}
+  if given then for k, v in pairs(given) do headers[k] = v end end
+  if ctype and not headers["Content-Type"] then headers["Content-Type"] = ctype end
+  if cookies then headers["Set-Cookie"] = cookies end
+  return headers
+end
+
+--- Serves one request with controller class C's action. Returns the response table
+--- { status, headers, body }; raises what no rescue_from handled.
+---@return table
+function Controller.dispatch(C, action, req, path_params, controller_name)
+  local self = run(C, action, req, path_params, controller_name)
+  local r = self._response
+  return { status = r[1], headers = response_headers(r, self._set_cookies, false), body = r[3],
+           sse = r[5] }
+end
+
+--- Like dispatch, for the server: returns status, headers, body and, for render{ sse = ... },
+--- the stream's description; the headers table may be shared between responses and must not
+--- be written to.
+function Controller.respond(C, action, req, path_params, controller_name)
+  local self = run(C, action, req, path_params, controller_name)
+  local r = self._response
+  return r[1], response_headers(r, self._set_cookies, true), r[3], r[5]
 end
 
 --- True when C (a class made by extend) has a method named action.

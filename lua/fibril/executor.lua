@@ -75,17 +75,36 @@ end
 
 M.with_traceback = add_traceback
 
--- After the unit: to_complete in reverse, then the context is retired. Returns ok, ...
-local function complete(ctx, previous, ok, ...)
+-- After the unit: to_complete in reverse, then the context is retired.
+local function retire(ctx, ok, err)
   local n = #complete_callbacks
   if n > 0 then
-    local err = (not ok) and (...) or nil
+    if ok then err = nil end
     for i = n, 1, -1 do call_safely("to_complete", complete_callbacks[i], ok, err) end
   end
   ctx.active = false
   ctx.locals = nil                         -- unit state never outlives the unit
-  set_context(previous)                    -- the fiber may live on (a script, a test runner)
+end
+
+-- retire, and the fiber's context goes back to previous (it may live on: a script, a test
+-- runner). Returns ok, ...
+local function complete(ctx, previous, ok, ...)
+  retire(ctx, ok, (...))
+  set_context(previous)
   return ok, ...
+end
+
+local function new_context(tags)
+  if type(tags) == "string" then return { active = true, req = tags } end
+  return { active = true, tags = tags }
+end
+
+-- The to_run callbacks; returns the error of the first that fails, or nil.
+local function run_callbacks_for_unit()
+  for i = 1, #run_callbacks do
+    local err = call_safely("to_run", run_callbacks[i])
+    if err then return err end
+  end
 end
 
 local function raise_or_return(ok, ...)
@@ -95,23 +114,41 @@ end
 
 --- Like wrap, but never raises the unit's error: returns true, results... or false, err (the
 --- error object, with its traceback). The framework's own units use this.
----@param tags table|nil log tags for the unit ({ req = id })
+---@param tags table|string|nil log tags for the unit ({ req = id }); a string is a request
+--- id, the tag req=id (fibril.log makes the tags table only if a line is logged)
 function M.call(fn, tags, ...)
   local previous = context()
   if previous and previous.active then return xpcall(fn, add_traceback, ...) end
   if before_unit then before_unit() end
-  local ctx = { active = true, tags = tags }
+  local ctx = new_context(tags)
   if not set_context(ctx) then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end
-  for i = 1, #run_callbacks do
-    local err = call_safely("to_run", run_callbacks[i])
-    if err then
-      -- The unit cannot trust its set-up: it does not run, but what did run is released.
-      return complete(ctx, previous, false, add_traceback(err))
-    end
+  local err = run_callbacks_for_unit()
+  if err then
+    -- The unit cannot trust its set-up: it does not run, but what did run is released.
+    return complete(ctx, previous, false, add_traceback(err))
   end
   return complete(ctx, previous, xpcall(fn, add_traceback, ...))
+end
+
+--- call for a fiber that was just spawned (without a context) and ends with the unit, as the
+--- server's request fibers: fn(a, b) runs as one unit; returns true and fn's first result, or
+--- false and the error. It neither looks for an enclosing unit (there is none) nor restores
+--- the fiber's context afterwards (nothing runs in it after the unit), and its fixed
+--- arguments keep it compilable: two fewer C calls per request than call.
+function M.call_new_fiber(fn, tags, a, b)
+  if before_unit then before_unit() end
+  local ctx = new_context(tags)
+  if not set_context(ctx) then
+    error("executor: not inside a fiber (units of work run in fibers)", 2)
+  end
+  local ok, result
+  local err = run_callbacks_for_unit()
+  if err then ok, result = false, add_traceback(err)
+  else ok, result = xpcall(fn, add_traceback, a, b) end
+  retire(ctx, ok, result)
+  return ok, result
 end
 
 --- Runs fn(...) as one unit of work and returns its results (or raises its error, after the

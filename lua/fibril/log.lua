@@ -66,10 +66,21 @@ local function sorted_keys(t)
   return keys
 end
 
+-- The unit's tags table; a unit started with only a request id (executor.call) gets it here,
+-- when it first logs a line.
+local function unit_tags(ctx)
+  local tags = ctx.tags
+  if tags == nil and ctx.req ~= nil then
+    tags = { req = ctx.req }
+    ctx.tags = tags
+  end
+  return tags
+end
+
 local function emit(level, msg, fields)
   if LEVELS[level] < min_level then return end
   local ctx = context()
-  local tag_keys, tags = ctx and ctx.tag_keys, ctx and ctx.tags
+  local tag_keys, tags = ctx and ctx.tag_keys, ctx and unit_tags(ctx)
   if json_format then
     local obj = { ts = timestamp(), level = level, msg = tostring(msg) }
     if tags then for k, v in pairs(tags) do obj[k] = v end end
@@ -104,7 +115,7 @@ function M.error(msg, fields) emit("error", msg, fields) end
 function M.tag(key, value)
   local ctx = context()
   if not ctx then return false end
-  local tags = ctx.tags
+  local tags = unit_tags(ctx)
   if not tags then tags = {}; ctx.tags = tags end
   local keys = ctx.tag_keys
   if not keys then keys = sorted_keys(tags); ctx.tag_keys = keys end
@@ -116,7 +127,8 @@ end
 --- The current unit's tags (a copy), or an empty table.
 function M.tags()
   local ctx, copy = context(), {}
-  if ctx and ctx.tags then for k, v in pairs(ctx.tags) do copy[k] = v end end
+  local tags = ctx and unit_tags(ctx)
+  if tags then for k, v in pairs(tags) do copy[k] = v end end
   return copy
 end
 

@@ -49,7 +49,7 @@ end
 -- Swaps a freshly loaded app's parts into the live app table, in place: handlers read
 -- app.router and app.controllers for every request.
 local function adopt(app, fresh)
-  for _, k in ipairs({ "config", "router", "controllers", "public" }) do app[k] = fresh[k] end
+  for _, k in ipairs({ "config", "router", "controllers", "daemons", "public" }) do app[k] = fresh[k] end
   app.load_error = nil
 end
 
@@ -79,7 +79,8 @@ local function is_code(path)
 end
 
 --- Starts watching app.dir (development); returns a handle with stop(). Before each unit of
---- work, executor calls the check that reloads when something changed.
+--- work, executor calls the check that reloads when something changed; an app with daemons
+--- reloads as soon as the burst of changes ends.
 function M.start(app)
   local watcher, err = fswatch.watch(app.dir)
   if not watcher then error(tostring(err), 0) end
@@ -108,6 +109,12 @@ function M.start(app)
         state.changes = state.changes + 1
         state.stale = true
         log.debug("code changed", { changes = state.changes })
+        -- Daemons may not start a unit of work for a long while (a BLPOP waits): with
+        -- daemons running, reload now, and they restart on the new code (docs/daemons.md).
+        if app.daemons and #app.daemons > 0 then
+          state.stale = false
+          M.reload(app)
+        end
       end
     end
   end)

@@ -55,10 +55,11 @@ end)
 ]],
   ["public/robots.txt"] = "User-agent: *\nDisallow:\n",
   ["lib/.keep"] = "",
+  ["daemons/.keep"] = "",             -- background loops: docs/daemons.md
 }
 
 local ORDER = { "config/app.lua", "routes.lua", "controllers/home.lua", "spec/home_spec.lua",
-                "public/robots.txt", "lib/.keep" }
+                "public/robots.txt", "lib/.keep", "daemons/.keep" }
 
 --- Creates the app directory name; calls die(message) when it exists or cannot be written.
 function M.create(name, die)

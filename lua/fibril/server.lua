@@ -7,8 +7,9 @@ local Controller = require "fibril.controller"
 local static = require "fibril.static"
 local executor = require "fibril.executor"
 
-local tostring, pairs, setmetatable, rawset, rawget, concat, format, os_getenv =
-      tostring, pairs, setmetatable, rawset, rawget, table.concat, string.format, os.getenv
+local tostring, tonumber, pairs, pcall, setmetatable, rawset, rawget, concat, format, os_getenv =
+      tostring, tonumber, pairs, pcall, setmetatable, rawset, rawget, table.concat, string.format,
+      os.getenv
 local stderr = io.stderr
 
 local M = {}
@@ -33,6 +34,9 @@ local request_mt = { __index = function(req, k)
     return rawget(req, k)
   end
 end }
+
+local respond = Controller.respond
+local SENT = {}                -- serve() returns it when res:send has answered the request
 
 local function plain(res, status, body, headers)
   res:send(status, headers or TEXT, body)
@@ -65,16 +69,23 @@ function M.handler(app)
       return plain(res, 404, "Not Found\n")
     end
     if route.handler then return route.handler(req, res, params) end
-    local out = Controller.dispatch(app.controllers[route.controller], route.action, req, params,
-                                    route.controller)
-    return res:send(out.status, out.headers, out.body)
+    local status, headers, body, stream = respond(app.controllers[route.controller], route.action,
+                                                  req, params, route.controller)
+    if stream then
+      require("fibril.sse").serve(req, res, stream, headers)
+      return SENT
+    end
+    res:send(status, headers, body)
+    return SENT
   end
 
-  -- Each request is one unit of work (docs/executor.md), tagged with its request id.
-  local call = executor.call
+  -- Each request is one unit of work (docs/executor.md), tagged with its request id, in the
+  -- fiber the HTTP server spawned for it.
+  local call = executor.call_new_fiber
   return function(req, res)
-    local ok, err = call(serve, { req = req.id }, req, res)
+    local ok, err = call(serve, req.id, req, res)    -- err: serve's result when ok
     if ok then
+      if err == SENT then return end           -- answered (or the client left) by res:send
       -- A function route that forgot to answer must not leave the client waiting forever.
       if not res:started() then
         log("error", "handler returned without a response", { req = req.id, path = req.path })
@@ -107,7 +118,8 @@ function M.listen(app, handler)
     reuseport = cfg.workers > 1 or app.reuseport == true, access_log = cfg.log.access ~= false,
     max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
     max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
-    body_timeout = http.body_timeout, keepalive_timeout = http.keepalive_timeout,
+    body_timeout = http.body_timeout, body_deadline = http.body_deadline,
+    keepalive_timeout = http.keepalive_timeout,
     send_timeout = http.send_timeout,
     max_connections = http.max_connections, write_high_water = http.write_high_water,
   }
@@ -116,29 +128,42 @@ function M.listen(app, handler)
 end
 
 --- Waits for SIGTERM or SIGINT, then drains: stops accepting, lets requests in flight finish
---- for up to drain_timeout seconds, and returns.
-function M.drain_on_signal(app, server)
+--- for up to drain_timeout seconds, and returns. on_signal(name), when given, is called as
+--- the signal arrives, before the drain (the daemons start stopping meanwhile).
+function M.drain_on_signal(app, server, on_signal)
   local name = signal.wait("SIGTERM", "SIGINT")
+  if on_signal then on_signal(name) end
   local deadline = fibril.now() + app.config.http.drain_timeout
   log("info", "draining", { signal = name, connections = server:connections() })
   server:close()
+  require("fibril.sse").shutdown()   -- streams end cleanly; their clients reconnect elsewhere
   while server:connections() > 0 and fibril.now() < deadline do fibril.sleep(0.02) end
   if server:connections() > 0 then
     log("warn", "drain timeout: closing connections still open", { connections = server:connections() })
   end
 end
 
---- Runs the app in this process until a signal drains it. Returns the exit status.
+--- Runs the app in this process until a signal drains it: the server, the reloader in
+--- development, the daemons that belong here. Returns the exit status.
 function M.run(app)
   require("fibril.log").configure(app.config.log)
+  require("fibril.sse").configure(app.config.sse)
+  require("fibril.pg").configure(app.config.database)   -- connects on first use only
   local server = M.listen(app)
+  app.port = server:port()                  -- the bound port (config may say 0), for daemons
   local reloading = app.config.reload and app.env ~= "production"
                     and require("fibril.reloader").start(app)
+  -- Daemons: docs/daemons.md (node-scoped ones run in worker 1 or the single process).
+  local daemons = require("fibril.daemon").start(app, { worker = tonumber(os_getenv("FIBRIL_WORKER") or "") })
   log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
                              env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main",
                              reload = reloading and "on" or "off" })
-  M.drain_on_signal(app, server)
+  -- On the signal, the daemons stop (cleanup) while the server drains: both within drain_timeout.
+  local stopping
+  M.drain_on_signal(app, server, function() stopping = fibril.schedule(daemons.stop, daemons) end)
+  pcall(fibril.await, stopping)
   if reloading then reloading.stop() end
+  require("fibril.pubsub").use(nil)        -- its reader and relay fibers end with the server
   return 0
 end
 

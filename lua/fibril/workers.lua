@@ -56,7 +56,8 @@ local function spawn_worker(m, slot)
   -- master alone decides when and how the workers stop.
   return process.spawn{ file = m.exe, args = args, detached = true,
                         env = { FIBRIL_WORKER = tostring(slot.i),
-                                FIBRIL_MASTER_PID = tostring(m.pid) } }
+                                FIBRIL_MASTER_PID = tostring(m.pid),
+                                FIBRIL_RELAY_PORT = m.relay_port and tostring(m.relay_port) } }
 end
 
 -- One fiber per worker slot: run it, wait for it, restart it with backoff until stopping.
@@ -156,6 +157,11 @@ function M.run(app)
   local stop = fibril.schedule(signal.wait, "SIGTERM", "SIGINT")
   local m = { app = app, port = reserved:port(), exe = exe, pid = process.pid(),
               stopping = false, wake = fibril.cond(), slots = {} }
+  -- The local pub/sub adapter reaches every worker through the master (pubsub/relay.lua).
+  local relay_server
+  if (cfg.pubsub and cfg.pubsub.adapter or "local") == "local" then
+    relay_server, m.relay_port = require("fibril.pubsub.relay").serve_master()
+  end
   local supervisors = {}
   for i = 1, cfg.workers do
     m.slots[i] = { i = i }
@@ -168,6 +174,7 @@ function M.run(app)
                              env = app.env, pid = m.pid })
   local name = fibril.await(stop)
   stop_workers(m, supervisors, name)
+  if relay_server then relay_server:close() end
   reserved:close()
   log("info", "stopped", { pid = m.pid })
   return 0

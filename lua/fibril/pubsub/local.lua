@@ -1,12 +1,13 @@
 --- fibril.pubsub.local: the in-process adapter. publish queues the message and returns; one
 --- dispatching fiber (running while there is work) delivers messages in publish order, each
 --- handler call a unit of work, so a slow or failing handler never runs inside the publisher.
---- With --workers N, relaying between worker processes is the SSE issue's work (issue 8).
+--- With --workers N the master relays every message to the other workers (pubsub/relay.lua).
 local executor = require "fibril.executor"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 
-local setmetatable, tostring, type, remove = setmetatable, tostring, type, table.remove
+local setmetatable, tostring, tonumber, type, remove, pcall = setmetatable, tostring, tonumber,
+      type, table.remove, pcall
 local spawn, set_context = fcore.spawn, fcore.set_context
 
 local M = {}
@@ -15,17 +16,33 @@ local LocalMT = { __index = Local }
 local Sub = {}
 local SubMT = { __index = Sub }
 
+local enqueue
+
+-- In a worker of `--workers N` (the master gave FIBRIL_RELAY_PORT): messages are relayed
+-- through the master to the other workers (fibril.pubsub.relay), and ids carry the worker.
 function M.new()
-  return setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false },
-                      LocalMT)
+  local self = setmetatable({ channels = {}, queue = {}, head = 1, tail = 0, running = false,
+                              seq = 0, taps = {}, prefix = "" }, LocalMT)
+  local port = tonumber(os.getenv("FIBRIL_RELAY_PORT") or "")
+  if port then
+    local worker = os.getenv("FIBRIL_WORKER") or "0"
+    self.prefix = worker .. "-"
+    self.link = require("fibril.pubsub.relay").link(port, worker, function(channel, id, message)
+      enqueue(self, channel, id, message)
+    end)
+  end
+  return self
 end
 
--- Calls each handler of channel with message, each a unit of work; errors are logged.
-local function deliver(list, channel, message)
+-- Calls each handler of channel with message, each a unit of work (framework-internal raw
+-- handlers directly); errors are logged.
+local function deliver(list, channel, message, id)
   for i = 1, #list do
     local sub = list[i]
     if sub and sub.active then
-      local ok, err = executor.call(sub.fn, { channel = channel }, message, channel)
+      local ok, err
+      if sub.raw then ok, err = pcall(sub.fn, message, channel, id)
+      else ok, err = executor.call(sub.fn, { channel = channel }, message, channel, id) end
       if not ok then
         log.error("pubsub handler failed", { channel = channel,
                   err = tostring(type(err) == "table" and err.message or err),
@@ -39,23 +56,28 @@ local function dispatch(self)
   set_context(nil)               -- not part of the publisher's unit
   while self.head <= self.tail do
     local i = self.head
-    local channel, message = self.queue[i], self.queue[i + 1]
-    self.queue[i], self.queue[i + 1] = nil, nil
-    self.head = i + 2
+    local q = self.queue
+    local channel, message, id = q[i], q[i + 1], q[i + 2]
+    q[i], q[i + 1], q[i + 2] = nil, nil, nil
+    self.head = i + 3
     local list = self.channels[channel]
     if list then
       local copy = { unpack(list) }   -- handlers may unsubscribe while we iterate
-      deliver(copy, channel, message)
+      deliver(copy, channel, message, id)
     end
   end
   self.head, self.tail, self.running = 1, 0, false
 end
 
-function Local:publish(channel, message)
+--- Queues message for the handlers of channel; returns how many there are, and the
+--- message's id (a decimal counter, increasing within the process).
+-- Records message for the taps and queues it for the handlers of channel.
+enqueue = function(self, channel, id, message)
+  for i = 1, #self.taps do self.taps[i](message, channel, id) end
   if not self.channels[channel] then return 0 end
   local n = self.tail
-  self.queue[n + 1], self.queue[n + 2] = channel, message
-  self.tail = n + 2
+  self.queue[n + 1], self.queue[n + 2], self.queue[n + 3] = channel, message, id
+  self.tail = n + 3
   if not self.running then
     self.running = true
     spawn(dispatch, self)
@@ -63,10 +85,26 @@ function Local:publish(channel, message)
   return #self.channels[channel]
 end
 
-function Local:subscribe(channel, fn)
+function Local:publish(channel, message)
+  local seq = self.seq + 1
+  self.seq = seq
+  local id = self.prefix .. seq
+  if self.link then self.link:send(channel, id, message) end
+  return enqueue(self, channel, id, message), id
+end
+
+--- Calls fn(message, channel, id) for every message published, synchronously (the replay
+--- buffer records this way).
+function Local:tap(fn) self.taps[#self.taps + 1] = fn end
+
+function Local:subscribe(channel, fn, opts)
+  -- The first subscriber of a worker waits for the relay stream: from then on, what any
+  -- worker publishes reaches it.
+  if self.link and not self.link.connected then self.link:wait_ready(2) end
   local list = self.channels[channel]
   if not list then list = {}; self.channels[channel] = list end
-  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true }, SubMT)
+  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true,
+                             raw = opts ~= nil and opts.raw == true }, SubMT)
   list[#list + 1] = sub
   return sub
 end
@@ -88,6 +126,8 @@ function Local:close()
     for _, sub in ipairs(list) do sub.active = false end
   end
   self.channels = {}
+  self.taps = {}
+  if self.link then self.link:close(); self.link = nil end
 end
 
 return M

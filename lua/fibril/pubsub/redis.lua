@@ -14,6 +14,7 @@ local log = require "fibril.log"
 
 local setmetatable, tostring, type, pcall, remove, next, floor =
       setmetatable, tostring, type, pcall, table.remove, next, math.floor
+local TAP = {}                   -- the channels key under which taps keep the reader running
 local min, random = math.min, math.random
 local spawn, sleep, set_context, walltime = fcore.spawn, fcore.sleep, fcore.set_context,
       fcore.walltime
@@ -43,19 +44,27 @@ function M.new(url, cfg)
   }, AdapterMT)
 end
 
+--- Appends message to the stream; returns nil (the number of receivers is not known) and
+--- the entry's id.
 function Adapter:publish(channel, message)
   local minid = floor(walltime() * 1000) - self.retention_ms
-  return self.pool:call("XADD", self.stream, "MINID", "~", minid > 0 and minid or 0, "*",
-                        "c", channel, "m", message)
+  return nil, self.pool:call("XADD", self.stream, "MINID", "~", minid > 0 and minid or 0, "*",
+                             "c", channel, "m", message)
 end
 
-local function deliver(self, channel, message)
+local function deliver(self, channel, message, id)
+  local taps = self.channels[TAP]
+  if taps then
+    for i = 1, #taps do taps[i].fn(message, channel, id) end
+  end
   local list = self.channels[channel]
   if not list then return end
   for i = #list, 1, -1 do        -- removal while iterating is safe from the end
     local sub = list[i]
     if sub and sub.active then
-      local ok, err = executor.call(sub.fn, { channel = channel }, message, channel)
+      local ok, err
+      if sub.raw then ok, err = pcall(sub.fn, message, channel, id)
+      else ok, err = executor.call(sub.fn, { channel = channel }, message, channel, id) end
       if not ok then
         log.error("pubsub handler failed", { channel = channel,
                   err = tostring(type(err) == "table" and err.message or err),
@@ -76,7 +85,7 @@ local function handle_entries(self, reply)
         local k = fields[i]
         if k == "c" then channel = fields[i + 1] elseif k == "m" then message = fields[i + 1] end
       end
-      if channel and message then deliver(self, channel, message) end
+      if channel and message then deliver(self, channel, message, id) end
     end
   end
 end
@@ -135,11 +144,16 @@ local function read_loop(self, c)
   self.conn, self.reader, self.last_id = nil, nil, nil   -- a later subscribe starts from then
 end
 
-function Adapter:subscribe(channel, fn)
+--- Calls fn(message, channel, id) for every entry of the stream, whatever its channel; keeps
+--- the reader running (the replay buffer records this way).
+function Adapter:tap(fn) return self:subscribe(TAP, fn, { raw = true }) end
+
+function Adapter:subscribe(channel, fn, opts)
   if self.closed then error("pubsub: the adapter is closed", 3) end
   local list = self.channels[channel]
   if not list then list = {}; self.channels[channel] = list end
-  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true }, SubMT)
+  local sub = setmetatable({ adapter = self, channel = channel, fn = fn, active = true,
+                             raw = opts ~= nil and opts.raw == true }, SubMT)
   list[#list + 1] = sub
   if not self.reader then
     -- The first subscriber connects in its own fiber: an unreachable server is its error,
