@@ -38,6 +38,7 @@ M.DEFAULTS = {
 M.gzip = has_inflate
 
 local USER_AGENT = "fibril/" .. require("fibril.core.vm").version
+local DEFAULT_EXTRA = { ["User-Agent"] = USER_AGENT, ["Accept-Encoding"] = has_inflate and "gzip" or nil }
 local IDEMPOTENT = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
 local SENSITIVE = { authorization = true, cookie = true, ["proxy-authorization"] = true }
@@ -118,7 +119,10 @@ local function fail(msg, code, where, what)
   raise(code or "http", tostring(msg), where)
 end
 
-local function timeout_msg(r) return "request timed out after " .. (r.timeout or r._timeout) .. " s" end
+local function timeout_msg(r) return "request timed out after " .. r.timeout .. " s" end
+
+-- "GET http://host/path": what error messages name. Built only when one is raised.
+local function where_of(method, u) return method .. " " .. u.origin .. sub(u.target, 1, 200) end
 
 -- ---- responses ----------------------------------------------------------------------------
 
@@ -155,17 +159,21 @@ local function next_raw(self)
   end
   local conn = self._conn
   if not conn then return nil end
-  local left = self._deadline - now()
-  if left <= 0 then release(self, false); raise("timeout", timeout_msg(self), self._where) end
-  local t = min(left, self._read_timeout)
+  local r = self._r
+  local left = r.deadline - now()
+  if left <= 0 then
+    release(self, false)
+    raise("timeout", timeout_msg(r), where_of(self._method, self._u))
+  end
+  local t = min(left, r.read_timeout)
   local chunk, extra, code = cread(conn, t)
   if chunk == false then
     release(self, extra)
     return nil
   elseif chunk == nil then
     release(self, false)
-    fail(extra, code, self._where, t == left and timeout_msg(self)
-         or ("no data for " .. self._read_timeout .. " s while reading the body"))
+    fail(extra, code, where_of(self._method, self._u), t == left and timeout_msg(r)
+         or ("no data for " .. r.read_timeout .. " s while reading the body"))
   end
   return chunk
 end
@@ -184,9 +192,13 @@ function Response:read()
     if not d then
       if chunk ~= "" then return chunk end
     else
-      local out, ended = d:feed(chunk, self._max_body - self._decoded)
-      if not out then release(self, false); raise("body_too_large", ended, self._where) end
-      self._decoded = self._decoded + #out
+      local decoded = self._decoded or 0
+      local out, ended = d:feed(chunk, self._r.max_body - decoded)
+      if not out then
+        release(self, false)
+        raise("body_too_large", ended, where_of(self._method, self._u))
+      end
+      self._decoded = decoded + #out
       if out ~= "" then return out end
     end
   end
@@ -223,26 +235,28 @@ local function opt_number(v, name, default)
   return v
 end
 
--- One exchange on one connection: returns a Response whose body is still to read.
+-- A new connection for r's request to u (the pool calls it when it may open one).
+local function connect(r, u, method)
+  local left = r.deadline - now()
+  if left <= 0 then raise("timeout", timeout_msg(r), where_of(method, u)) end
+  local t = min(left, r.connect_timeout)
+  local c, msg, code = cconnect(u.host, u.port, t, u.scheme == "https", r.verify, r.ca_file)
+  if not c then
+    fail(msg, code, where_of(method, u), t == left and timeout_msg(r)
+         or ("connect timed out after " .. r.connect_timeout .. " s"))
+  end
+  return c
+end
+
+-- One exchange on one connection: returns a Response whose body may still be to read.
 local function exchange(r, u, method, req_bytes)
   local key = u.origin                             -- TLS settings are part of an origin's key
   if not r.verify or r.ca_file then
     key = key .. (r.verify and "" or " noverify") .. (r.ca_file and " ca=" .. r.ca_file or "")
   end
-  local where = method .. " " .. u.origin .. sub(u.target, 1, 200)
   local pool = r.pool
   for attempt = 1, 2 do
-    local conn, reused = pool:checkout(key, r.deadline, function()
-      local left = r.deadline - now()
-      if left <= 0 then raise("timeout", timeout_msg(r), where) end
-      local t = min(left, r.connect_timeout)
-      local c, msg, code = cconnect(u.host, u.port, t, u.scheme == "https", r.verify, r.ca_file)
-      if not c then
-        fail(msg, code, where, t == left and timeout_msg(r)
-             or ("connect timed out after " .. r.connect_timeout .. " s"))
-      end
-      return c
-    end)
+    local conn, reused = pool:checkout(key, r.deadline, connect, r, u, method)
     local left = r.deadline - now()
     local t = min(left, r.read_timeout)
     local status, headers, body, reusable = nil, nil, nil, nil
@@ -252,10 +266,8 @@ local function exchange(r, u, method, req_bytes)
     end
     if status then
       local res = setmetatable({ status = status, headers = setmetatable(headers, HEADERS_MT),
-        url = u.scheme .. "://" .. u.hostport .. u.target, ok = status >= 200 and status < 300,
-        _pool = pool, _key = key, _where = where, _deadline = r.deadline,
-        _read_timeout = r.read_timeout, _timeout = r.timeout, _max_body = r.max_body,
-        _decoded = 0 }, Response)
+        url = u.url, ok = status >= 200 and status < 300,
+        _r = r, _u = u, _method = method, _pool = pool, _key = key }, Response)
       if body then                                 -- complete already: the connection is free
         res._rest = body
         pool:checkin(key, conn, reusable)
@@ -275,8 +287,8 @@ local function exchange(r, u, method, req_bytes)
     -- server provably got nothing it could act on twice.
     local stale = reused and (code == "closed" or code == "ECONNRESET" or code == "EPIPE")
     if not (stale and IDEMPOTENT[method] and attempt == 1) then
-      if left <= 0 then raise("timeout", timeout_msg(r), where) end
-      fail(headers, code, where, t == left and timeout_msg(r)
+      if left <= 0 then raise("timeout", timeout_msg(r), where_of(method, u)) end
+      fail(headers, code, where_of(method, u), t == left and timeout_msg(r)
            or ("no response for " .. r.read_timeout .. " s"))
     end
   end
@@ -328,13 +340,30 @@ local function request(opts, level)
     decompress = opts.decompress ~= false,
   }
   if r.ca_file ~= nil and type(r.ca_file) ~= "string" then error("http: ca_file must be a path", level) end
-  local extra = { ["User-Agent"] = USER_AGENT }
-  if has_inflate and r.decompress then extra["Accept-Encoding"] = "gzip" end
-  if ctype then extra["Content-Type"] = ctype end
+  local extra = DEFAULT_EXTRA
+  if ctype or not r.decompress then
+    extra = { ["User-Agent"] = USER_AGENT }
+    if has_inflate and r.decompress then extra["Accept-Encoding"] = "gzip" end
+    if ctype then extra["Content-Type"] = ctype end
+  end
   u = message.add_query(u, opts.query)
+  -- The bytes of a request with nothing of the caller's in them are the same every time.
+  local plain = headers == nil and body == nil and extra == DEFAULT_EXTRA
   local hops = 0
   while true do
-    local res = exchange(r, u, method, message.build(method, u, headers, body, extra))
+    local bytes
+    if plain then                                    -- no headers, body or query of the caller's
+      local cache = u.requests
+      bytes = cache and cache[method]
+      if not bytes then
+        bytes = message.build(method, u, nil, nil, extra)
+        if not cache then cache = {}; u.requests = cache end
+        cache[method] = bytes
+      end
+    else
+      bytes = message.build(method, u, headers, body, extra)
+    end
+    local res = exchange(r, u, method, bytes)
     local loc = REDIRECT[res.status] and res.headers.location
     if not loc or redirects == 0 then
       res.redirects = hops
@@ -344,14 +373,15 @@ local function request(opts, level)
     res:read_all()                                   -- drained: the connection can be reused
     hops = hops + 1
     if hops > redirects then
-      raise("too_many_redirects", "more than " .. redirects .. " redirects", res._where)
+      raise("too_many_redirects", "more than " .. redirects .. " redirects", where_of(method, u))
     end
     local okp, nu = pcall(message.parse_url, message.resolve(u, loc))
     if not okp then                                  -- the server's Location, not the caller's
-      raise("protocol", "invalid redirect Location '" .. sub(loc, 1, 200) .. "'", res._where)
+      raise("protocol", "invalid redirect Location '" .. sub(loc, 1, 200) .. "'", where_of(method, u))
     end
     if u.scheme == "https" and nu.scheme == "http" then
-      raise("redirect_downgrade", "refusing a redirect from https to http: " .. sub(loc, 1, 200), res._where)
+      raise("redirect_downgrade", "refusing a redirect from https to http: " .. sub(loc, 1, 200),
+            where_of(method, u))
     end
     if nu.origin ~= u.origin and headers then        -- credentials stay with their origin
       local kept = {}
@@ -362,7 +392,10 @@ local function request(opts, level)
     end
     if res.status == 303 or ((res.status == 301 or res.status == 302) and method == "POST") then
       if method ~= "HEAD" then method = "GET" end
-      body, extra["Content-Type"] = nil, nil
+      body = nil
+      if extra["Content-Type"] then
+        extra = { ["User-Agent"] = USER_AGENT, ["Accept-Encoding"] = extra["Accept-Encoding"] }
+      end
     end
     u = nu
   end

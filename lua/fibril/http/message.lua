@@ -20,7 +20,7 @@ local cache, cached, CACHE_MAX = {}, 0, 512
 --- Splits an absolute http(s) URL. Raises (at the caller's caller) when it is not one.
 --- The table returned is shared: read it, never modify it.
 ---@param s string
----@return table { scheme, host, port, target (path and query), hostport, origin }
+---@return table { scheme, host, port, target (path and query), hostport, origin, url }
 function M.parse_url(s, level)
   local hit = cache[s]
   if hit then return hit end
@@ -52,8 +52,9 @@ function M.parse_url(s, level)
   host = lower(host)
   local hostport = v6 and "[" .. host .. "]" or host
   if port ~= DEFAULT_PORT[scheme] then hostport = hostport .. ":" .. port end
+  local origin = scheme .. "://" .. hostport
   local u = { scheme = scheme, host = host, port = port, target = target, hostport = hostport,
-              origin = scheme .. "://" .. hostport }
+              origin = origin, url = origin .. target }
   if cached >= CACHE_MAX then cache, cached = {}, 0 end
   cache[s], cached = u, cached + 1
   return u
@@ -89,7 +90,9 @@ function M.add_query(u, query)
   if q == "" then return u end
   local c = {}
   for k, v in pairs(u) do c[k] = v end
+  c.requests = nil                                  -- cached request bytes: the old target's
   c.target = u.target .. (find(u.target, "?", 1, true) and "&" or "?") .. q
+  c.url = c.origin .. c.target
   return c
 end
 

@@ -27,6 +27,7 @@ function M.new(opts)
     -- its connection with it (its __gc closes the socket), and recount() notices.
     busy = setmetatable({}, { __mode = "k" }),
     freed = cond.new(),        -- broadcast whenever a slot or an idle connection frees up
+    waiting = 0,               -- fibers waiting on freed (no broadcast needed when 0)
     opened = 0, reused = 0,    -- counters for tests and monitoring
   }, Pool)
 end
@@ -84,8 +85,8 @@ end
 --- A connection for key: (conn, true) reused, or (conn, false) from connect().
 ---@param key string origin and TLS settings
 ---@param deadline number fibril.now() by which to have one
----@param connect function() -> conn, raises on failure
-function Pool:checkout(key, deadline, connect)
+---@param connect function(a1, a2, a3) -> conn, raises on failure
+function Pool:checkout(key, deadline, connect, a1, a2, a3)
   local o = origin(self, key)
   while true do
     local idle = o.idle
@@ -104,11 +105,11 @@ function Pool:checkout(key, deadline, connect)
     if o.open < self.per_origin and self.open < self.max_connections then
       o.open, self.open = o.open + 1, self.open + 1          -- the slot is ours while connecting
       o.connecting = o.connecting + 1
-      local ok, conn = pcall(connect)
+      local ok, conn = pcall(connect, a1, a2, a3)
       o.connecting = o.connecting - 1
       if not ok then
         o.open, self.open = o.open - 1, self.open - 1
-        self.freed:broadcast()
+        if self.waiting > 0 then self.freed:broadcast() end
         error(conn, 0)
       end
       self.opened = self.opened + 1
@@ -122,7 +123,9 @@ function Pool:checkout(key, deadline, connect)
     end
     -- At most half a second: a connection dropped with its unread stream frees its slot
     -- through the garbage collector, which broadcasts nothing.
+    self.waiting = self.waiting + 1
     local ok, err = pcall(self.freed.wait, self.freed, min(max(left, 0.001), 0.5))
+    self.waiting = self.waiting - 1
     if not ok and not (type(err) == "table" and err.code == "timeout") then error(err, 0) end
   end
 end
@@ -137,7 +140,7 @@ function Pool:checkin(key, conn, reusable)
   else
     drop(self, o, conn)
   end
-  self.freed:broadcast()
+  if self.waiting > 0 then self.freed:broadcast() end
 end
 
 --- Closes every idle connection (busy ones close when given back).
