@@ -546,23 +546,22 @@ describe("fibril.http over TLS", function()
   local dir, servers = nil, {}
 
   -- Runs openssl s_server with cert/key on a free port; returns the port.
+  -- Runs openssl s_server with cert/key on a port the kernel picks (it prints
+  -- "ACCEPT 127.0.0.1:PORT"), so no other process on this shared machine can hold it.
   local function s_server(name, extra)
-    for _ = 1, 20 do
-      local p = math.random(20000, 50000)
-      local pid = tonumber(sh(("openssl s_server -accept 127.0.0.1:%d -cert %s/%s.pem -key %s/%s.key "
-        .. "%s -www -quiet >/dev/null 2>&1 & echo $!"):format(p, dir, name, dir, name, extra or "")))
-      servers[#servers + 1] = pid
-      for _ = 1, 100 do
-        local ok, sock = pcall(support.connect, p)
-        if ok then
-          sock:close()
-          return p
-        end
-        if sh("kill -0 " .. pid .. " 2>/dev/null && echo up") == "" then break end
-        fibril.sleep(0.02)
-      end
+    local log = ("%s/s_server-%s-%d.log"):format(dir, name, #servers + 1)
+    local pid = tonumber(sh(("openssl s_server -accept 127.0.0.1:0 -cert %s/%s.pem -key %s/%s.key "
+      .. "%s -www >%s 2>&1 & echo $!"):format(dir, name, dir, name, extra or "", log)))
+    servers[#servers + 1] = pid
+    for _ = 1, 250 do
+      local f = io.open(log)
+      local out = f and f:read("*a") or ""
+      if f then f:close() end
+      local p = tonumber(out:match("ACCEPT 127%.0%.0%.1:(%d+)"))
+      if p then return p end
+      fibril.sleep(0.02)
     end
-    error("openssl s_server did not start")
+    error("openssl s_server did not start: " .. sh("cat " .. log))
   end
 
   local ports = {}
