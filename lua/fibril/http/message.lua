@@ -134,8 +134,11 @@ function M.build(method, u, headers, body, extra)
   end
   out[n + 1], out[n + 2], out[n + 3] = "Host: ", host or u.hostport, "\r\n"
   n = n + 3
-  for k, v in pairs(extra) do
-    if not seen[k] then out[n + 1], out[n + 2], out[n + 3], out[n + 4] = k, ": ", v, "\r\n"; n = n + 4 end
+  for k, v in pairs(extra) do                       -- a header of the caller's name wins
+    if not seen[lower(k)] then
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = k, ": ", v, "\r\n"
+      n = n + 4
+    end
   end
   if body then
     out[n + 1], out[n + 2], out[n + 3] = "Content-Length: ", #body, "\r\n"
