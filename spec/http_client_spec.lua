@@ -219,6 +219,21 @@ describe("fibril.http", function()
     assert.are.equal(2, http.pool_stats().opened)
   end)
 
+  it("bounds the connections in total, closing an idle one of another origin for room", function()
+    http.configure({ max_connections = 2 })
+    local items = {}
+    for i = 1, 6 do items[i] = i end
+    fibril.map(items, function() return http.get(base .. "/delay?ms=20").status end)
+    assert.are.equal(2, connections())
+    local other, oport = support.http_server(upstream)
+    assert.are.equal("hello", http.get("http://127.0.0.1:" .. oport .. "/hello").body)
+    local stats = http.pool_stats()
+    assert.are.equal(2, stats.open)                            -- one of each origin now
+    assert.are.equal(3, stats.opened)
+    http.reset()
+    other:close()
+  end)
+
   it("gives the slot of a stream dropped unread back once it is collected", function()
     http.configure({ per_origin = 1 })
     local res = http.get(base .. "/large_chunked?k=64", { stream = true })
