@@ -26,10 +26,6 @@ stop_all() {
 trap stop_all EXIT
 start() { "$HARNESS/peers/start.sh" "$@" 2>/dev/null; }
 
-FB=$(start cmd $FB_PORT -- "$FIBRIL" run apps/hello --port '{PORT}' --env production); pids+=("$FB")
-NG=$(start nginx-lua $NG_PORT); pids+=("$NG")
-ND=$(start node $ND_PORT); pids+=("$ND")
-
 hold() {  # NAME URL PID -> one JSON line in $tmp/NAME.json
   node "$HARNESS/sse-hold.js" --url "$2" --conns "$CONNS" --duration "$DURATION" --pid "$3" \
     --json >"$tmp/$1.json" 2>"$tmp/$1.err" || true
@@ -49,6 +45,11 @@ report() {  # NAME
     "$(field "$f" rss_slope_kb_per_conn)" "$cpu" "$per1k"
 }
 
+if [ "${ONLY:-}" != redis ]; then
+FB=$(start cmd $FB_PORT -- "$FIBRIL" run apps/hello --port '{PORT}' --env production); pids+=("$FB")
+NG=$(start nginx-lua $NG_PORT); pids+=("$NG")
+ND=$(start node $ND_PORT); pids+=("$ND")
+
 echo "== SSE: $CONNS connections held ${DURATION}s, one event per connection per interval ($(nproc) cores)"
 for interval in 100 1000; do
   hold "fibril-$interval" "http://127.0.0.1:$FB_PORT/sse?interval=$interval" "$FB"
@@ -60,6 +61,7 @@ printf '%-22s %13s %10s %8s %8s %9s %8s %10s\n' target open/conns events/s "p50 
 for interval in 100 1000; do
   for n in fibril nginx-lua node; do report "$n-$interval"; done
 done
+fi
 
 echo "== SSE through the redis adapter: 2 fibril processes x $((CONNS / 2)) streams, 1 broadcaster"
 port=$((20000 + RANDOM % 12000))   # below the ephemeral range
