@@ -26,10 +26,6 @@ stop_all() {
 trap stop_all EXIT
 start() { "$HARNESS/peers/start.sh" "$@" 2>/dev/null; }
 
-FB=$(start cmd $FB_PORT -- "$FIBRIL" run apps/hello --port '{PORT}' --env production); pids+=("$FB")
-NG=$(start nginx-lua $NG_PORT); pids+=("$NG")
-ND=$(start node $ND_PORT); pids+=("$ND")
-
 hold() {  # NAME URL PID -> one JSON line in $tmp/NAME.json
   node "$HARNESS/sse-hold.js" --url "$2" --conns "$CONNS" --duration "$DURATION" --pid "$3" \
     --json >"$tmp/$1.json" 2>"$tmp/$1.err" || true
@@ -44,10 +40,15 @@ report() {  # NAME
   eps=$(field "$f" events_per_s); cpu=$(field "$f" server_cpu_pct)
   per1k=$(node -e 'const [e, c] = process.argv.slice(1).map(Number);
     console.log(e > 0 ? (c / 100 * 1000 / e * 1000).toFixed(2) : "-")' "$eps" "$cpu")
-  printf '%-22s %6s/%-6s %10s %8s %8s %9s %8s %10s\n' "$1" "$(field "$f" open_at_end)" \
+  printf '%-22s %6s/%-6s %10s %8s %8s %9s %9s %8s %10s\n' "$1" "$(field "$f" open_at_end)" \
     "$(field "$f" conns)" "$eps" "$(field "$f" lag_ms.p50)" "$(field "$f" lag_ms.p99)" \
-    "$(field "$f" rss_slope_kb_per_conn)" "$cpu" "$per1k"
+    "$(field "$f" rss_per_conn_kb)" "$(field "$f" rss_slope_kb_per_conn)" "$cpu" "$per1k"
 }
+
+if [ "${ONLY:-}" != redis ]; then
+FB=$(start cmd $FB_PORT -- "$FIBRIL" run apps/hello --port '{PORT}' --env production); pids+=("$FB")
+NG=$(start nginx-lua $NG_PORT); pids+=("$NG")
+ND=$(start node $ND_PORT); pids+=("$ND")
 
 echo "== SSE: $CONNS connections held ${DURATION}s, one event per connection per interval ($(nproc) cores)"
 for interval in 100 1000; do
@@ -55,11 +56,12 @@ for interval in 100 1000; do
   hold "nginx-lua-$interval" "http://127.0.0.1:$NG_PORT/sse?interval=$interval" "$NG"
   hold "node-$interval" "http://127.0.0.1:$ND_PORT/sse?interval=$interval" "$ND"
 done
-printf '%-22s %13s %10s %8s %8s %9s %8s %10s\n' target open/conns events/s "p50 ms" "p99 ms" \
-  "KiB/conn" "cpu %" "cpu ms/1k"
+printf '%-22s %13s %10s %8s %8s %9s %9s %8s %10s\n' target open/conns events/s "p50 ms" "p99 ms" \
+  "KiB/conn" "slope" "cpu %" "cpu ms/1k"
 for interval in 100 1000; do
   for n in fibril nginx-lua node; do report "$n-$interval"; done
 done
+fi
 
 echo "== SSE through the redis adapter: 2 fibril processes x $((CONNS / 2)) streams, 1 broadcaster"
 port=$((20000 + RANDOM % 12000))   # below the ephemeral range
@@ -79,7 +81,7 @@ sleep 3   # the streams open before the broadcasts start
 "$FIBRIL" bench/sse_broadcast.lua bench 100 $((DURATION + 6)) >"$tmp/broadcast.out" 2>&1 || true
 wait $ha $hb
 CONNS=$saved
-printf '%-22s %13s %10s %8s %8s %9s %8s %10s\n' target open/conns events/s "p50 ms" "p99 ms" \
-  "KiB/conn" "cpu %" "cpu ms/1k"
+printf '%-22s %13s %10s %8s %8s %9s %9s %8s %10s\n' target open/conns events/s "p50 ms" "p99 ms" \
+  "KiB/conn" "slope" "cpu %" "cpu ms/1k"
 report redis-a
 report redis-b
