@@ -112,6 +112,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     uv_read_stop(s);
     c->reading = 0;
     fb_http_wake_close_waiter(c, "eof");   /* a stream ends when its client leaves */
+    if (c->stream_detached) {          /* no fiber watches it: the client left, close now */
+      fb_http_conn_close(c);
+      return;
+    }
     if (c->state != CS_DISPATCHED) fb_http_conn_close(c);
     return;
   }
@@ -373,7 +377,7 @@ static void dispatch(fb_http_conn_t *c) {
   /* Upgrades (WebSocket, h2c) are not served: answered as plain HTTP, then closed, since what
    * follows on the connection would not be HTTP. */
   c->keep_alive = llhttp_should_keep_alive(&c->parser) && !llhttp_get_upgrade(&c->parser);
-  c->chunked = c->head_sent = c->res_done = 0;
+  c->chunked = c->head_sent = c->res_done = c->stream_detached = 0;
   c->bytes_sent = 0;
   c->content_length = -1;
   c->status = 0;

@@ -85,6 +85,7 @@ struct fb_http_conn_s {
   fb_fiber_t *write_waiter; /* a fiber suspended in res:write until the queue drains */
   fb_fiber_t *close_waiter; /* a fiber in res:wait_closed (a stream) until the client leaves */
   fb_fiber_t *close_cancels; /* res:cancel_on_close's fiber: cancelled when the client leaves */
+  int stream_detached;      /* res:detach: no fiber holds the response; EOF closes at once */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
   char method[24];

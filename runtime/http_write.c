@@ -504,6 +504,18 @@ static int l_res_cancel_on_close(lua_State *L) {
   return 0;
 }
 
+/* res:detach(): the response (a stream) lives on after its handler returns, held by whoever
+ * keeps the res object (fibril.sse's hub); the client closing its side closes the connection
+ * at once, since no fiber waits to notice. */
+static int l_res_detach(lua_State *L) {
+  fb_http_conn_t *c = check_res(L);
+  if (!c) return 0;
+  if (!c->head_sent || c->res_done) return luaL_error(L, "http: res:detach needs a started stream");
+  c->stream_detached = 1;
+  if (c->peer_eof) fb_http_conn_close(c);
+  return 0;
+}
+
 /* res:finish(): ends a streamed response. */
 static int l_res_finish(lua_State *L) {
   fb_http_conn_t *c = check_res(L);
@@ -583,7 +595,7 @@ int luaopen_fibril_core_http_response(lua_State *L) {
     { "send", l_res_send }, { "start", l_res_start }, { "write", l_res_write },
     { "finish", l_res_finish }, { "closed", l_res_closed }, { "started", l_res_started },
     { "remote", l_res_remote }, { "abort", l_res_abort }, { "push", l_res_push },
-    { "wait_closed", l_res_wait_closed }, { "cancel_on_close", l_res_cancel_on_close }, { "gone", l_res_gone },
+    { "wait_closed", l_res_wait_closed }, { "cancel_on_close", l_res_cancel_on_close }, { "gone", l_res_gone }, { "detach", l_res_detach },
     { NULL, NULL }
   };
   if (luaL_newmetatable(L, RES_MT)) {      /* stack: mt */

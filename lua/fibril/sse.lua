@@ -8,6 +8,7 @@
 --- process subscribes once per channel however many streams it holds, and writes to a slow
 --- client never wait: past `sse.max_buffer` unsent bytes the client is dropped. docs/sse.md.
 local pubsub = require "fibril.pubsub"
+local executor = require "fibril.executor"
 local json = require "fibril.json"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
@@ -224,33 +225,48 @@ local function open(req, res, desc, headers)
   return stream
 end
 
---- Serves a stream on (req, res) until the client leaves, the handler returns, or the server
---- drains. The request's fiber (and unit of work) lives as long as the stream.
----@param desc table from sse.stream
----@param headers table|nil extra response headers
-function M.serve(req, res, desc, headers)
-  local stream = open(req, res, desc, headers)
-  local ok, err
-  if desc.channels then
-    ok, err = pcall(function()
-      for _, name in ipairs(desc.channels) do join(stream, name) end
-      res:wait_closed()
-    end)
+-- A handler-driven stream's function, in a fiber of its own (a shallow stack: 10,000 streams
+-- are 10,000 of these) and a unit of work of its own; the client leaving cancels it wherever
+-- it waits.
+local function run_handler(stream, fn, id)
+  set_context(nil)
+  local res = stream.res
+  res:cancel_on_close(true)
+  local ok, err = executor.call(fn, id, stream)
+  res:cancel_on_close(false)
+  if not ok and not ((res:gone() or stream.closed) and type(err) == "table"
+                     and err.code == "cancelled") then
+    log.error("sse stream handler failed", { req = id, err = tostring(err) })
   else
-    -- The handler runs in this fiber; the client leaving cancels whatever it waits on.
-    res:cancel_on_close(true)
-    ok, err = pcall(desc.fn, stream)
-    res:cancel_on_close(false)
-    if not ok and (res:gone() or stream.closed) and type(err) == "table"
-       and err.code == "cancelled" then
-      ok = true                   -- the client left: the normal end of a stream
-    end
+    ok = true                    -- a return, or the client leaving: the normal ends of a stream
   end
   drop(stream)
   if not res:closed() then
     if ok and not res:gone() then pcall(res.finish, res) else res:abort() end
   end
-  if not ok then error(err, 0) end
+end
+
+--- Opens a stream on (req, res): headers, the opening comment, what Last-Event-ID missed,
+--- then subscription (channels) or the handler's fiber (a function), and returns. No fiber
+--- waits on a channel stream: the process's one subscription per channel writes to it, and
+--- it ends when the client leaves (noticed at the next write, a heartbeat at the latest; at
+--- once when the client closes its side), the server drains, or sse.close.
+---@param desc table from sse.stream
+---@param headers table|nil extra response headers
+function M.serve(req, res, desc, headers)
+  local stream = open(req, res, desc, headers)
+  if desc.fn then
+    spawn(run_handler, stream, desc.fn, req.id)
+  else
+    local ok, err = pcall(function()
+      for _, name in ipairs(desc.channels) do join(stream, name) end
+    end)
+    if not ok then
+      drop(stream)
+      error(err, 0)
+    end
+  end
+  res:detach()
 end
 
 --- Sends message to every stream of channel, in every process (through the pub/sub adapter).
@@ -270,6 +286,7 @@ function M.close(channel)
       pcall(s.res.finish, s.res)
       n = n + 1
     end
+    drop(s)
   end
   return n
 end
@@ -278,6 +295,7 @@ end
 function M.shutdown()
   for s in pairs(streams) do
     if not s.res:closed() then pcall(s.res.finish, s.res) end
+    if s.channels then drop(s) end   -- a handler's fiber drops its own stream as it ends
   end
 end
 
