@@ -232,7 +232,7 @@ local function run_handler(stream, fn, id)
   set_context(nil)
   local res = stream.res
   res:cancel_on_close(true)
-  local ok, err = executor.call(fn, id, stream)
+  local ok, err = executor.call_new_fiber(fn, id, stream)
   res:cancel_on_close(false)
   if not ok and not ((res:gone() or stream.closed) and type(err) == "table"
                      and err.code == "cancelled") then
