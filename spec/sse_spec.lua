@@ -210,6 +210,11 @@ describe("fibril.sse", function()
 
   it("reaches the streams of every worker with --workers 2 (the master relays)", function()
     local app = support.start_app("spec/fixtures/sse_browser", "--env test --workers 2")
+    -- The master says it listens once one worker does: wait for both (slow under ASan).
+    assert.is_true(eventually(function()
+      local log = app.log()
+      return (log:find('msg="listening"[^\n]*pid="1"') and log:find('msg="listening"[^\n]*pid="2"')) ~= nil
+    end, 20), app.log())
     local socks, seen = {}, {}
     for _ = 1, 40 do                             -- the kernel spreads connections over workers
       local sock = support.connect(app.port)
