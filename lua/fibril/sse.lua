@@ -17,7 +17,7 @@ local type, error, tostring, setmetatable, getmetatable, pairs, next, pcall, sel
       type, error, tostring, setmetatable, getmetatable, pairs, next, pcall, select
 local find, gsub, match, format, concat, floor = string.find, string.gsub, string.match,
       string.format, table.concat, math.floor
-local spawn, sleep, set_context = fcore.spawn, fcore.sleep, fcore.set_context
+local spawn, sleep, set_context, now = fcore.spawn, fcore.sleep, fcore.set_context, fcore.now
 
 local M = {}
 
@@ -146,6 +146,7 @@ local function push(stream, frame)
   if stream.closed then return false end
   local ok, why = stream.res:push(frame, settings.max_buffer)
   if not ok then drop(stream, why) end
+  stream.wrote = now()
   return ok
 end
 
@@ -165,12 +166,24 @@ function Stream:comment(text) return push(self, M.comment(text)) end
 ---@return boolean true once the client left or the stream was dropped
 function Stream:closed() return self.closed or self.res:gone() end
 
+-- Heartbeats go only to streams that sent nothing for a whole interval (one that sends keeps
+-- its proxies awake already), a slice at a time: 10,000 writes in one loop turn would hold
+-- back every event due meanwhile.
+local HEARTBEAT_SLICE = 256
 local function heartbeat_loop()
   set_context(nil)
   while next(streams) do
     sleep(settings.heartbeat)
+    local due, t = {}, now()
+    local idle_since = t - settings.heartbeat * 0.9
+    for s in pairs(streams) do
+      if s.wrote <= idle_since then due[#due + 1] = s end
+    end
     local beat = M.comment()
-    for s in pairs(streams) do push(s, beat) end
+    for i = 1, #due do
+      push(due[i], beat)
+      if i % HEARTBEAT_SLICE == 0 then sleep(0) end
+    end
   end
   ticker = nil
 end
@@ -206,7 +219,8 @@ local function open(req, res, desc, headers)
     for k, v in pairs(headers) do h[k] = v end
   end
   res:start(200, h)
-  local stream = setmetatable({ res = res, channels = desc.channels, closed = false }, StreamMT)
+  local stream = setmetatable({ res = res, channels = desc.channels, closed = false, wrote = 0 },
+                              StreamMT)
   streams[stream] = true
   if not ticker then ticker = spawn(heartbeat_loop) end
   push(stream, desc.retry and format(": ok\nretry: %d\n\n", desc.retry) or M.comment("ok"))
