@@ -5,7 +5,8 @@
 # connection every 100 ms and every 1000 ms. Prints connections held, RSS per connection,
 # delivery lag p50/p99 and server CPU per 1,000 deliveries. Then the redis adapter: two fibril
 # processes, each holding CONNS/2 streams of one channel, and a third process broadcasting on
-# it every 100 ms through Redis. Figures only, nothing asserted.
+# it every 100 ms through Redis. Figures only, nothing asserted. INTERVALS="1000" (default
+# "100 1000"), CONNS, DURATION and ONLY=redis narrow it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -51,14 +52,14 @@ NG=$(start nginx-lua $NG_PORT); pids+=("$NG")
 ND=$(start node $ND_PORT); pids+=("$ND")
 
 echo "== SSE: $CONNS connections held ${DURATION}s, one event per connection per interval ($(nproc) cores)"
-for interval in 100 1000; do
+for interval in ${INTERVALS:-100 1000}; do
   hold "fibril-$interval" "http://127.0.0.1:$FB_PORT/sse?interval=$interval" "$FB"
   hold "nginx-lua-$interval" "http://127.0.0.1:$NG_PORT/sse?interval=$interval" "$NG"
   hold "node-$interval" "http://127.0.0.1:$ND_PORT/sse?interval=$interval" "$ND"
 done
 printf '%-22s %13s %10s %8s %8s %9s %9s %8s %10s\n' target open/conns events/s "p50 ms" "p99 ms" \
   "KiB/conn" "slope" "cpu %" "cpu ms/1k"
-for interval in 100 1000; do
+for interval in ${INTERVALS:-100 1000}; do
   for n in fibril nginx-lua node; do report "$n-$interval"; done
 done
 fi
