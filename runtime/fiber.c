@@ -701,7 +701,8 @@ static int l_context(lua_State *L) {
 }
 
 /* set_context(table|nil): replaces the running fiber's context; fibers it schedules from now
- * on inherit the new one. Returns false outside a fiber. */
+ * on inherit the new one. Returns true and the context it replaced (nil if none), or false
+ * outside a fiber. */
 static int l_set_context(lua_State *L) {
   fb_fiber_t *f = S.current;
   int t;
@@ -711,14 +712,16 @@ static int l_set_context(lua_State *L) {
   }
   if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
   t = fb_anchors_push(L);
+  lua_pushboolean(L, 1);                     /* stack: ... anchors true */
+  if (f->ctx_ref != NO_SLOT) lua_rawgeti(L, t, f->ctx_ref);
+  else lua_pushnil(L);                       /* stack: ... anchors true previous */
   fb_unanchor(L, t, f->ctx_ref);
   f->ctx_ref = NO_SLOT;
   if (!lua_isnoneornil(L, 1)) {
     lua_pushvalue(L, 1);
     f->ctx_ref = fb_anchor(L, t);
   }
-  lua_pushboolean(L, 1);
-  return 1;
+  return 2;
 }
 
 static int l_walltime(lua_State *L) {

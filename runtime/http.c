@@ -385,7 +385,7 @@ static void dispatch(fb_http_conn_t *c) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, H.keys_ref);  /* stack: keys */
   keys = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->handler_ref);
-  lua_createtable(L, 0, 8);                  /* stack: keys handler req */
+  lua_createtable(L, 0, q ? 9 : 8);          /* stack: keys handler req (+1: the server adds res) */
   lua_rawgeti(L, keys, K_METHOD);
   lua_pushstring(L, c->method);
   lua_rawset(L, -3);

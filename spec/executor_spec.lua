@@ -146,6 +146,20 @@ describe("fibril.executor", function()
     assert.are.same({ "run", { true }, "run", { false, err.message } }, order)
   end)
 
+  it("is call inside a running unit: the callbacks run once and the unit's context stays", function()
+    local runs, core = 0, require "fibril.core.fiber"
+    on("to_run", function() runs = runs + 1 end)
+    executor.wrap(function()
+      local outer = core.context()
+      local ok, result = executor.call_new_fiber(function(a) return a * 2 end, "r-5", 21)
+      assert.is_true(ok)
+      assert.are.equal(42, result)
+      assert.are.equal(outer, core.context())
+      assert.is_true(executor.active())
+    end)
+    assert.are.equal(1, runs)
+  end)
+
   it("leaves the calling fiber without a context after the unit", function()
     local core = require "fibril.core.fiber"
     assert.is_nil(core.context())
