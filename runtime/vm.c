@@ -18,6 +18,7 @@
 #include "process.h"
 #include "fs.h"
 #include "fswatch.h"
+#include "journal.h"
 #include "redis.h"
 
 #define SYSTEM_LUA_PATH                                                                  \
@@ -119,6 +120,7 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   preload(L, "fibril.core.process", luaopen_fibril_core_process);
   preload(L, "fibril.core.fs", luaopen_fibril_core_fs);
   preload(L, "fibril.core.fswatch", luaopen_fibril_core_fswatch);
+  preload(L, "fibril.core.journal", luaopen_fibril_core_journal);
   preload(L, "fibril.core.redis", luaopen_fibril_core_redis);
   fb_sched_init(L, loop);
   fb_http_init(L, loop);
