@@ -193,12 +193,33 @@ function M._schedule(r, entries)
   return fibers
 end
 
+local lazy                              -- boot's options, for a start on first enqueue
+
+--- Starts the deferred runtime for a served app when the app uses it (a deferred subscriber,
+--- a task class, a schedule, or a journal already on disk, to replay); otherwise on the first
+--- enqueue. server.run calls it with this process's slot (FIBRIL_WORKER, or 1).
+function M.boot(app, slot)
+  lazy = { app = app, slot = slot }
+  local cfg = app.config.deferred or {}
+  local used = (app.tasks and #app.tasks > 0) or cfg.schedule ~= nil or cfg.backend == "postgres"
+  for _, s in ipairs(require("fibril.events").subscriptions()) do
+    used = used or s.opts.deferred == true
+  end
+  if not used and cfg.path then
+    local dir = require("fibril.deferred.journal").dir(app.dir, cfg)
+    local f = io.open(dir .. "/journal-" .. slot .. ".log", "r")
+    if f then f:close() used = true end
+  end
+  if used then return M.start(lazy) end
+end
+
 --- Stops this process's deferred runtime: no new task starts; tasks running may finish for
 --- timeout seconds, then are cancelled (they run again later: at least once); the journal
 --- is flushed and closed.
 ---@return boolean true when every running task finished in time
 function M.stop(timeout)
   local r = runner
+  lazy = nil
   if not r then return true end
   runner = nil
   r.stopping = true
@@ -226,6 +247,7 @@ function M.runner() return runner end
 function M.pending() return runner and runner.store:pending() or 0 end
 
 local function need_runner(who)
+  if not runner and lazy then M.start(lazy) end
   if not runner then
     error(who .. ": deferred tasks are not running in this process (`fibril run` starts them; "
           .. "a script calls require(\"fibril.deferred\").start{ dir = ... })", 3)

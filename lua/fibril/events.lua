@@ -238,11 +238,23 @@ function M.subscribe(subscriber, target, opts)
   return s
 end
 
---- Forgets every subscription (the app loader calls it before loading subscribers/ again).
+--- Forgets every subscription (the app loader calls it before loading subscribers/ again);
+--- returns the old ones, for restore_subscriptions.
 function M.reset_subscriptions()
+  local old = subscriptions
   subscriptions = {}
   matches = {}
+  return old
 end
+
+--- Puts back what reset_subscriptions returned (a reload that failed).
+function M.restore_subscriptions(list)
+  subscriptions = list or {}
+  matches = {}
+end
+
+--- True when v is an event class (events.define's result).
+function M.is_class(v) return type(v) == "table" and getmetatable(v) == Class end
 
 --- The subscriptions an event named name reaches, in subscription order.
 function M.subscriptions_for(name)
@@ -260,6 +272,51 @@ end
 
 --- Every subscription, in order.
 function M.subscriptions() return subscriptions end
+
+-- ---- the graph as text (fibril events APP) ------------------------------------------------
+
+local function describe(s, via)
+  local o, marks = s.opts, {}
+  if o.deferred then
+    marks[#marks + 1] = "deferred"
+    if o.retries then marks[#marks + 1] = "retries " .. o.retries end
+    if o.max_concurrency then marks[#marks + 1] = "max_concurrency " .. o.max_concurrency end
+  else
+    marks[#marks + 1] = "inline"
+  end
+  if o["if"] then marks[#marks + 1] = "if" end
+  if via then marks[#marks + 1] = "via " .. via end
+  return format("%s [%s]", tostring(s.subscriber.name), concat(marks, ", "))
+end
+
+--- The event graph as lines: each defined class (sorted) with the subscribers it reaches,
+--- then subscriptions to names no loaded file defines.
+---@return table lines
+function M.tree()
+  local lines = {}
+  local function branch(list, name)
+    for i, s in ipairs(list) do
+      local last = i == #list
+      lines[#lines + 1] = (last and "└── " or "├── ") .. describe(s, s.target ~= name and s.target or nil)
+    end
+    if #list == 0 then lines[#lines + 1] = "└── (no subscribers)" end
+  end
+  for _, c in ipairs(M.classes()) do
+    lines[#lines + 1] = c.name
+    branch(M.subscriptions_for(c.name), c.name)
+  end
+  local undefined = {}
+  for _, s in ipairs(subscriptions) do
+    if not s.prefix and not classes[s.target] then undefined[#undefined + 1] = s end
+  end
+  if #undefined > 0 then
+    lines[#lines + 1] = "(events no loaded file defines)"
+    for i, s in ipairs(undefined) do
+      lines[#lines + 1] = (i == #undefined and "└── " or "├── ") .. s.target .. ": " .. describe(s)
+    end
+  end
+  return lines
+end
 
 -- ---- publish ----------------------------------------------------------------------------
 

@@ -159,7 +159,8 @@ function M.open(opts)
     enqueue_timeout = opts.enqueue_timeout or 5,
     tasks = {}, count = 0, heap = {}, seq = 0, finished = finished,
     buf = {}, batch = { done = cond.new() }, writing = false, wake = cond.new(),
-    ready = cond.new(), room = cond.new(), dead_lock = semaphore.new(1), stats = { writes = 0, syncs = 0, records = 0 },
+    ready = cond.new(), room = cond.new(), dead_lock = semaphore.new(1),
+    stats = { writes = 0, syncs = 0, records = 0 },
   }, Store)
   local list = {}
   for _, t in pairs(tasks) do list[#list + 1] = t end
@@ -178,7 +179,9 @@ function M.open(opts)
   -- so appends never follow a torn line.
   if bad > 0 or finished > 0 then self:_rewrite() end
   self.replayed = self.count
-  if self.count > 0 then log.info("deferred journal replayed", { path = path, tasks = self.count }) end
+  if self.count > 0 then
+    log.info("deferred journal replayed", { path = path, tasks = self.count })
+  end
   self.writer = fibril.schedule(self._write_loop, self)
   return self
 end
