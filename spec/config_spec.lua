@@ -46,7 +46,10 @@ local DESIGN_DEFAULTS = {
   database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30 },
   http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil },
   deferred = { backend = "journal", path = "storage/deferred", concurrency = 16,
-               retries = 20, fsync = "always" },
+               retries = 20, fsync = "always",
+               -- docs/deferred.md
+               fsync_interval = 0.1, backoff_min = 1, backoff_max = 600, max_pending = 100000,
+               enqueue_timeout = 5, poll_interval = 1, table = "fibril_deferred", schedule = nil },
   daemons = { backoff_min = 0.1, backoff_max = 30, reset_after = 60 },   -- docs/daemons.md
 }
 

@@ -137,7 +137,7 @@ describe("fibril.deferred", function()
       local got = {}
       local S = Subscriber:extend("Replayed")
       S:subscribe_to(E, { deferred = true })
-      function S:call(ev) got[#got + 1] = ev.k end
+      function S.call(_, ev) got[#got + 1] = ev.k end
       local logged = {}
       log.output(function(l) logged[#logged + 1] = l end)
       deferred.start{ dir = dir, concurrency = 1 }
@@ -340,7 +340,7 @@ describe("fibril.deferred", function()
       local id = out:match("\n([^\t]+/Flaky)\t4\tFlaky\t")
       assert.truthy(id, out)
       assert.truthy(out:find("flaky failure", 1, true), out)
-      status, out = support.run_env(prefix, "deferred " .. app .. " retry nope")
+      status = support.run_env(prefix, "deferred " .. app .. " retry nope")
       assert.are.equal(1, status)
       status, out = support.run_env(prefix, "deferred " .. app .. " retry '" .. id .. "'")
       assert.are.equal(0, status)
@@ -353,6 +353,7 @@ describe("fibril.deferred", function()
       s2.stop("TERM")
       assert.is_true(s2.wait_exit(10))
       status, out = support.run_env(prefix, "deferred " .. app .. " list")
+      assert.are.equal(0, status)
       assert.are.equal("no dead tasks\n", out)
     end)
   end)
