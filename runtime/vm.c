@@ -20,6 +20,7 @@
 #include "fswatch.h"
 #include "journal.h"
 #include "redis.h"
+#include "pg.h"
 
 #define SYSTEM_LUA_PATH                                                                  \
   "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;"                   \
@@ -122,6 +123,7 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   preload(L, "fibril.core.fswatch", luaopen_fibril_core_fswatch);
   preload(L, "fibril.core.journal", luaopen_fibril_core_journal);
   preload(L, "fibril.core.redis", luaopen_fibril_core_redis);
+  preload(L, "fibril.core.pg", luaopen_fibril_core_pg);
   fb_sched_init(L, loop);
   fb_http_init(L, loop);
   return L;

@@ -43,7 +43,8 @@ local DESIGN_DEFAULTS = {
   sse = { heartbeat = 15, replay = 0, max_buffer = 262144 },
   pubsub = { adapter = "local", retention = 300, stream = "fibril:pubsub" },
   redis = { pool = 10, connect_timeout = 5, timeout = 5 },
-  database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30 },
+  database = { url = nil, pool = 10, checkout_timeout = 5, statement_timeout = 30,
+               connect_timeout = 5, max_result_bytes = 67108864 },   -- the last two: issue 7
   http_client = { timeout = 30, connect_timeout = 5, per_origin = 16, ca_file = nil },
   deferred = { backend = "journal", path = "storage/deferred", concurrency = 16,
                retries = 20, fsync = "always",

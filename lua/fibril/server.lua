@@ -138,6 +138,7 @@ end
 function M.run(app)
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
+  require("fibril.pg").configure(app.config.database)   -- connects on first use only
   local server = M.listen(app)
   app.port = server:port()                  -- the bound port (config may say 0), for daemons
   local reloading = app.config.reload and app.env ~= "production"

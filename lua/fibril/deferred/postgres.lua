@@ -45,8 +45,8 @@ local function ensure_schema(db, t)
     local ok = pcall(db.exec, db, sql)
     if not ok then
       fibril.sleep(0.05)
-      ok, err = pcall(db.exec, db, sql)
-      if not ok then error(err, 0) end
+      local ok2, err = pcall(db.exec, db, sql)
+      if not ok2 then error(err, 0) end
     end
   end
 end
