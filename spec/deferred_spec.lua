@@ -281,6 +281,30 @@ describe("fibril.deferred", function()
       assert.are.same({}, journal.replay(recs))
     end)
 
+    it("has slot 1 adopt the journals of slots past --workers N, and remove them", function()
+      local dir = fresh_dir()
+      local T = Task:extend("Orphaned" .. math.random(1e6))
+      local got = {}
+      function T.perform(_, args) got[#got + 1] = args.n end
+      write(dir .. "/journal-3.log", journal.encode_record({ op = "add", task = { id = "o1", kind = "task",
+        task = T.name, args = { n = 1 }, attempt = 0 } }))
+      write(dir .. "/journal-2.log", "")          -- slot 2 still exists: not adopted
+      log.output(function() end)
+      deferred.start{ dir = dir, concurrency = 1, slot = 1, workers = 2 }
+      eventually(function() return #got == 1 end, 5, "the adopted task")
+      assert.is_nil(io.open(dir .. "/journal-3.log"))
+      assert.is_not_nil(io.open(dir .. "/journal-2.log"))
+    end)
+
+    it("enqueues the tasks of the periodic schedule from slot 1", function()
+      local T = Task:extend("Periodic" .. math.random(1e6))
+      local runs = 0
+      function T.perform(_, args) runs = runs + args.add end
+      deferred.start{ dir = fresh_dir(), concurrency = 1,
+                      schedule = { { every = 0.05, task = T.name, args = { add = 1 } } } }
+      eventually(function() return runs >= 3 end, 5, "three runs")
+    end)
+
     it("leaves no journal open and no operation in flight after stop", function()
       deferred.start{ dir = fresh_dir(), concurrency = 2 }
       deferred.stop(5)

@@ -197,18 +197,21 @@ local lazy                              -- boot's options, for a start on first 
 
 --- Starts the deferred runtime for a served app when the app uses it (a deferred subscriber,
 --- a task class, a schedule, or a journal already on disk, to replay); otherwise on the first
---- enqueue. server.run calls it with this process's slot (FIBRIL_WORKER, or 1).
-function M.boot(app, slot)
-  lazy = { app = app, slot = slot }
+--- enqueue. server.run calls it with this process's slot (FIBRIL_WORKER, or 1) and the
+--- number of worker slots (FIBRIL_WORKERS, or 1): slot 1 adopts the journals of slots past it.
+function M.boot(app, slot, workers)
+  lazy = { app = app, slot = slot, workers = workers }
   local cfg = app.config.deferred or {}
   local used = (app.tasks and #app.tasks > 0) or cfg.schedule ~= nil or cfg.backend == "postgres"
   for _, s in ipairs(require("fibril.events").subscriptions()) do
     used = used or s.opts.deferred == true
   end
   if not used and cfg.path then
-    local dir = require("fibril.deferred.journal").dir(app.dir, cfg)
+    local journal = require "fibril.deferred.journal"
+    local dir = journal.dir(app.dir, cfg)
     local f = io.open(dir .. "/journal-" .. slot .. ".log", "r")
     if f then f:close() used = true end
+    used = used or (slot == 1 and #journal.orphans(dir, workers or 1) > 0)
   end
   if used then return M.start(lazy) end
 end

@@ -149,7 +149,7 @@ function M.run(app)
   -- Deferred tasks: each process runs the tasks of its own journal, journal-<worker>.log
   -- (docs/deferred.md: why no task runs twice with --workers N).
   local deferred = require "fibril.deferred"
-  deferred.boot(app, worker or 1)
+  deferred.boot(app, worker or 1, tonumber(os_getenv("FIBRIL_WORKERS") or "") or 1)
   log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
                              env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main",
                              reload = reloading and "on" or "off" })

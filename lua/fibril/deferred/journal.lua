@@ -143,7 +143,21 @@ end
 -- Sorts tasks for a stable rewrite and queue order.
 local function by_seq(a, b) return a._seq < b._seq end
 
---- Opens (creating) the journal of this process slot in dir and replays it.
+--- The journals in dir of slots past workers (left by a larger --workers N), as paths.
+function M.orphans(dir, workers)
+  local list = {}
+  for _, e in ipairs(fs.list(dir) or {}) do
+    local k = tonumber(match(e.name, "^journal%-(%d+)%.log$"))
+    if k and k > workers then list[#list + 1] = dir .. "/" .. e.name end
+  end
+  sort(list)
+  return list
+end
+
+--- Opens (creating) the journal of this process slot in dir and replays it. Slot 1 also
+--- adopts orphan journals (opts.workers: slots now running): their live tasks join its
+--- journal, which is rewritten before the orphan files are removed (a crash in between runs
+--- them twice: at least once).
 ---@param opts table { dir =, slot = n, fsync = "always"|"batch"|"never", fsync_interval =,
 ---   max_pending =, enqueue_timeout = }
 function M.open(opts)
@@ -153,6 +167,14 @@ function M.open(opts)
   local data = read_file(path) or ""
   local records, bad = M.decode_records(data)
   local tasks, finished = M.replay(records)
+  local orphans = (opts.slot or 1) == 1 and M.orphans(dir, opts.workers or 1) or {}
+  for _, o in ipairs(orphans) do
+    local orecs, obad = M.decode_records(read_file(o) or "")
+    bad = bad + obad
+    for id, t in pairs(M.replay(orecs)) do tasks[id] = t end
+    log.info("deferred journal adopted", { path = o, into = path })
+  end
+  if #orphans > 0 then finished = finished + 1 end     -- forces the rewrite below
   local self = setmetatable({
     dir = dir, path = path, slot = opts.slot or 1, fsync = opts.fsync or "always",
     fsync_interval = opts.fsync_interval or 0.1, max_pending = opts.max_pending or 100000,
@@ -177,7 +199,12 @@ function M.open(opts)
   end
   -- A replayed file with garbage or finished records is rewritten before anything is added,
   -- so appends never follow a torn line.
-  if bad > 0 or finished > 0 then self:_rewrite() end
+  if bad > 0 or finished > 0 then
+    if not self:_rewrite() and #orphans > 0 then
+      error("deferred: cannot rewrite " .. path .. " to adopt " .. concat(orphans, ", "), 0)
+    end
+  end
+  for _, o in ipairs(orphans) do remove(o) end
   self.replayed = self.count
   if self.count > 0 then
     log.info("deferred journal replayed", { path = path, tasks = self.count })
