@@ -305,6 +305,24 @@ describe("fibril.deferred", function()
       eventually(function() return runs >= 3 end, 5, "three runs")
     end)
 
+    it("keeps one pending task per event and subscriber, and refuses { tx = }", function()
+      local E = events.define(unique(), { "k" })
+      local runs = 0
+      local S = Subscriber:extend("Once")
+      S:subscribe_to(E, { deferred = true })
+      function S.call() runs = runs + 1 end
+      deferred.start{ dir = fresh_dir(), concurrency = 1 }
+      local ev = E{ k = 1 }
+      fibril.schedule(function() events.publish(ev) end)
+      events.publish(ev)
+      eventually(function() return runs >= 1 end, 5, "the task")
+      fibril.sleep(0.1)
+      assert.are.equal(1, runs)
+      local ok, err = pcall(events.publish, E{ k = 2 }, { tx = {} })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('needs deferred.backend = "postgres"', 1, true), err)
+    end)
+
     it("leaves no journal open and no operation in flight after stop", function()
       deferred.start{ dir = fresh_dir(), concurrency = 2 }
       deferred.stop(5)

@@ -249,8 +249,12 @@ function M.runner() return runner end
 --- Tasks pending in this process (0 when not running).
 function M.pending() return runner and runner.store:pending() or 0 end
 
-local function need_runner(who)
+local function need_runner(who, opts)
   if not runner and lazy then M.start(lazy) end
+  if opts and opts.tx ~= nil and runner and (runner.cfg.backend or "journal") ~= "postgres" then
+    error(who .. ": { tx = } needs deferred.backend = \"postgres\" (the journal cannot join a "
+          .. "database transaction)", 3)
+  end
   if not runner then
     error(who .. ": deferred tasks are not running in this process (`fibril run` starts them; "
           .. "a script calls require(\"fibril.deferred\").start{ dir = ... })", 3)
@@ -268,7 +272,7 @@ end
 --- Queues one deferred task per subscriber for ev (events.publish calls it); returns once
 --- they are durable. opts.tx: write them in that pg transaction (postgres backend).
 function M.enqueue_event(ev, subs, opts)
-  local r = need_runner("events.publish")
+  local r = need_runner("events.publish", opts)
   local events = require "fibril.events"
   local t_ev = events.to_table(ev)
   local ctx = context_tags()
@@ -286,7 +290,7 @@ end
 --- Queues a task of a fibril.task class (Task:enqueue calls it).
 ---@param opts table|nil { delay = s } or { delay_until = epoch seconds }, { tx = tx }
 function M.enqueue_task(class, args, opts)
-  local r = need_runner(class.name .. ":enqueue")
+  local r = need_runner(class.name .. ":enqueue", opts)
   local run_at
   if opts and opts.delay then run_at = walltime() + opts.delay end
   if opts and opts.delay_until then run_at = opts.delay_until end

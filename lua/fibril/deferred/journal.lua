@@ -179,7 +179,7 @@ function M.open(opts)
     dir = dir, path = path, slot = opts.slot or 1, fsync = opts.fsync or "always",
     fsync_interval = opts.fsync_interval or 0.1, max_pending = opts.max_pending or 100000,
     enqueue_timeout = opts.enqueue_timeout or 5,
-    tasks = {}, count = 0, heap = {}, seq = 0, finished = finished,
+    tasks = {}, adding = {}, count = 0, heap = {}, seq = 0, finished = finished,
     buf = {}, batch = { done = cond.new() }, writing = false, wake = cond.new(),
     ready = cond.new(), room = cond.new(), dead_lock = semaphore.new(1),
     stats = { writes = 0, syncs = 0, records = 0 },
@@ -230,10 +230,16 @@ local function stored(t)
 end
 
 -- Queues a line for the writer; wait = true suspends until it is durable (or raises).
-function Store:_put(line, wait)
+-- tasks: the ones the line adds, queued to run by the writer once the line is written.
+function Store:_put(line, wait, tasks)
   local batch = self.batch
   local buf = self.buf
   buf[#buf + 1] = line
+  if tasks then
+    local list = batch.tasks or {}
+    batch.tasks = list
+    for _, t in ipairs(tasks) do list[#list + 1] = t end
+  end
   if wait then batch.waiters = (batch.waiters or 0) + 1 end
   self.wake:signal()
   if not wait then return end
@@ -263,7 +269,12 @@ function Store:_write_loop()
       st.writes, st.records = st.writes + 1, st.records + #lines
       if sync then st.syncs = st.syncs + 1 end
       if not sync and self.fsync == "batch" then unsynced = true end
+      -- Publishers first, then the workers: a task starts after its publish has returned.
       batch.done:broadcast((not ok) and (err or "write failed") or nil)
+      for _, t in ipairs(batch.tasks or {}) do
+        self.adding[t.id] = nil
+        if ok then self:_track(t) end
+      end
       if not ok then log.error("deferred journal write failed", { path = self.path, err = err }) end
     end
     if unsynced and fibril.now() - last_sync >= self.fsync_interval then
@@ -308,10 +319,20 @@ function Store:add(tasks)
     local ok, err = pcall(self.room.wait, self.room, left)
     if not ok and fibril.is_error(err, "cancelled") then error(err, 0) end
   end
-  local lines = {}
-  for i, t in ipairs(tasks) do lines[i] = M.encode_record({ op = "add", task = t }) end
-  self:_put(concat(lines), true)
-  for _, t in ipairs(tasks) do self:_track(t) end
+  -- A task id already pending (the same event published twice) is not added again, as the
+  -- postgres backend's ON CONFLICT DO NOTHING: one pending task per event and subscriber.
+  local lines, fresh = {}, {}
+  local adding = self.adding
+  for _, t in ipairs(tasks) do
+    if not self.tasks[t.id] and not adding[t.id] then
+      fresh[#fresh + 1] = t
+      adding[t.id] = true                  -- until durable: a concurrent add skips it too
+      lines[#lines + 1] = M.encode_record({ op = "add", task = t })
+    end
+  end
+  if #fresh == 0 then return end
+  -- The writer queues them once they are written, even if this fiber is cancelled meanwhile.
+  self:_put(concat(lines), true, fresh)
 end
 
 --- The next task due, claimed; waits up to timeout seconds (nil when none came).
