@@ -208,6 +208,13 @@ static void w_bulk(lua_State *L, const char *s, size_t len) {
   W.p[W.len++] = '\n';
 }
 
+/* A NUL after the formatted bytes, not counted in W.len: hiredis finds the command name with
+ * strchr, which may read (ASan's strict_string_checks: does read) up to a terminator. */
+static void w_terminate(lua_State *L) {
+  w_reserve(L, 1);
+  W.p[W.len] = '\0';
+}
+
 static int queue_formatted(fb_redis_t *r, cmd_op_t *op, const char *cmd, size_t len) {
   return redisAsyncFormattedCommand(r->ac, on_reply, op, cmd, len) == REDIS_OK;
 }
@@ -248,6 +255,7 @@ int fb_redis_l_call(lua_State *L) {
     const char *a = lua_tolstring(L, i + 3, &len);
     w_bulk(L, a, len);
   }
+  w_terminate(L);
   op = op_new(L, r, 1, 0);
   ok = queue_formatted(r, op, W.p, W.len);
   w_trim();
@@ -326,6 +334,7 @@ int fb_redis_l_pipeline(lua_State *L) {
   if (r->subscribed)
     return luaL_error(L, "redis: this connection is subscribed: it carries subscriptions only");
   f = fb_fiber_check(L, "redis.pipeline");
+  w_terminate(L);
   op = op_new(L, r, n, 1);
   for (i = 0, start = 0; i < n; start = W.ends[i++])
     if (!queue_formatted(r, op, W.p + start, W.ends[i] - start)) break;
