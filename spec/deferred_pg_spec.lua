@@ -25,6 +25,12 @@ local function unique(prefix)
   return (prefix or "Pg") .. ".E" .. n .. "_" .. math.random(1e6)
 end
 
+local baseline
+if url then
+  local c, r = require("fibril.core.pg").live()
+  baseline = c .. "/" .. r
+end
+
 describe("fibril.deferred (postgres)", function()
   local pg, tbl, saved
   before_each(function()
@@ -157,5 +163,13 @@ describe("fibril.deferred (postgres)", function()
     assert.are.equal(120, row.ids)
     assert.are.equal(120, row.runs)                -- none twice
     assert.are.equal(2, row.pids)                  -- both took a share
+  end)
+
+  it("leaves no connection, poll handle or operation behind (the default pool closed)", function()
+    if not url then pending("DATABASE_URL is not set") return end
+    local core = require "fibril.core.pg"
+    local function live() local c, r = core.live() return c .. "/" .. r end
+    pg:close()
+    assert.are.equal(baseline, support.settled(live, baseline))
   end)
 end)

@@ -323,9 +323,16 @@ describe("fibril.deferred", function()
       assert.truthy(tostring(err):find('needs deferred.backend = "postgres"', 1, true), err)
     end)
 
-    it("leaves no journal open and no operation in flight after stop", function()
-      deferred.start{ dir = fresh_dir(), concurrency = 2 }
+    it("leaves no journal open, no operation in flight and no fiber after stop", function()
+      local function fibers() return fibril.debug.live().fibers end
+      local before = fibers()
+      local T = Task:extend("Settled" .. math.random(1e6))
+      function T.perform() fibril.sleep(0.01) end
+      deferred.start{ dir = fresh_dir(), concurrency = 2, schedule = { { every = 0.01, task = T.name } } }
+      for i = 1, 5 do T:enqueue({ i = i }) end
+      fibril.sleep(0.05)
       deferred.stop(5)
+      assert.are.equal(before, support.settled(fibers, before))
       local j, ops = cjournal.live()
       assert.are.equal(0, j)
       assert.are.equal(0, ops)
