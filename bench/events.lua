@@ -4,7 +4,7 @@
 --   2. durable deferred publishes per second from 100 concurrent publishers on the journal
 --      backend (fsync = "always": each publish returns after the fdatasync of its batch), and
 --      the fdatasyncs per second that took (target: >= 20,000 publishes/s by group commit);
---      also with fsync = "batch" and "never" for comparison
+--      also from 1 publisher (no group to commit), and with fsync = "batch" and "never"
 --   3. the same on the postgres backend when DATABASE_URL is set (scripts/with-services)
 -- The journal goes under build/ (a real disk: /tmp may be tmpfs, where fsync costs nothing).
 -- Usage: fibril bench/events.lua [seconds per deferred run]
@@ -54,7 +54,8 @@ print(("inline: %.2f us per empty subscriber call (1 subscriber), %.2f us (10 su
        .. "making an event of 2 fields: %.2f us"):format(inline(1), inline(10), build_cost()))
 
 -- ---- 2./3. deferred -------------------------------------------------------------------------
-local function deferred_run(label, opts)
+local function deferred_run(label, opts, publishers)
+  publishers = publishers or 100
   events.reset_subscriptions()
   local E = events.define("Bench.Deferred." .. label:gsub("%W", ""), { "id" })
   local S = Subscriber:extend("Noop" .. label:gsub("%W", ""))
@@ -66,7 +67,7 @@ local function deferred_run(label, opts)
   local t0 = now()
   local syncs0 = (deferred.stats().store or {}).syncs or 0
   local fibers = {}
-  for p = 1, 100 do
+  for p = 1, publishers do
     fibers[p] = fibril.schedule(function()
       while now() < stop_at do
         events.publish(E{ id = p })
@@ -84,11 +85,12 @@ local function deferred_run(label, opts)
   deferred.stop(10)
   local extra = st.syncs and (", %d fsyncs/s (%.0f publishes per fsync)"):format(
     syncs / took, syncs > 0 and count / syncs or 0) or ""
-  print(("deferred %s: %d publishes/s from 100 publishers%s; %d tasks ran")
-        :format(label, count / took, extra, ran))
+  print(("deferred %s: %d publishes/s from %d publishers%s; %d tasks ran")
+        :format(label, count / took, publishers, extra, ran))
 end
 
 os.execute("mkdir -p '" .. dir .. "'")
+deferred_run("journal fsync=always", { dir = dir .. "/one", fsync = "always", concurrency = 16 }, 1)
 deferred_run("journal fsync=always", { dir = dir .. "/always", fsync = "always", concurrency = 16 })
 deferred_run("journal fsync=batch", { dir = dir .. "/batch", fsync = "batch", concurrency = 16 })
 deferred_run("journal fsync=never", { dir = dir .. "/never", fsync = "never", concurrency = 16 })
