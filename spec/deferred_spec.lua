@@ -262,6 +262,16 @@ describe("fibril.deferred", function()
       assert.has_error(function() T:enqueue("x") end)
     end)
 
+    it("with fsync = \"batch\" acknowledges after the write and syncs within the interval", function()
+      local T = Task:extend("Batched" .. math.random(1e6))
+      local ran = 0
+      function T.perform() ran = ran + 1 end
+      deferred.start{ dir = fresh_dir(), concurrency = 2, fsync = "batch", fsync_interval = 0.5 }
+      for i = 1, 10 do T:enqueue({ i = i }) end
+      assert.are.equal(0, deferred.stats().store.syncs)     -- none waited for a sync
+      eventually(function() return ran == 10 and deferred.stats().store.syncs >= 1 end, 5, "a sync")
+    end)
+
     it("compacts the journal once finished records pile up", function()
       local dir = fresh_dir()
       local old = journal.COMPACT_MIN

@@ -258,6 +258,42 @@ describe("fibril.events", function()
     end)
   end)
 
+  describe("code reload", function()
+    it("re-reads subscribers/: the new code is what the next publish reaches", function()
+      local App = require "fibril.app"
+      local reloader = require "fibril.reloader"
+      local name = "reload-subs-" .. math.random(1e9)
+      local dir = support.tmpdir() .. "/" .. name
+      support.write(name .. "/routes.lua", "return function(r) end")
+      support.write(name .. "/events/pinged.lua",
+                    'return require("fibril.events").define("Reload.Pinged", { "n" })')
+      local function subscriber(version)
+        support.write(name .. "/subscribers/pong.lua", ([[
+          local S = require("fibril.subscriber"):extend("Pong")
+          S:subscribe_to(require "events.pinged")
+          function S.call(_, ev) _G.PONGS[#_G.PONGS + 1] = %q .. ev.n end
+          return S]]):format(version))
+      end
+      subscriber("v1")
+      rawset(_G, "PONGS", {})
+      local app = App.load(dir, "test")
+      local Pinged = require "events.pinged"
+      events.publish(Pinged{ n = 1 })
+      subscriber("v2")
+      log.output(function() end)
+      assert.is_true(reloader.reload(app))
+      events.publish(require("events.pinged"){ n = 2 })
+      assert.are.same({ "v11", "v22" }, rawget(_G, "PONGS"))
+      -- A subscriber file that no longer loads keeps the old subscriptions.
+      support.write(name .. "/subscribers/pong.lua", "return 42")
+      assert.is_false(reloader.reload(app))
+      events.publish(require("events.pinged"){ n = 3 })
+      assert.are.same({ "v11", "v22", "v23" }, rawget(_G, "PONGS"))
+      rawset(_G, "PONGS", nil)
+      reloader.unload_app_modules(dir)
+    end)
+  end)
+
   describe("fibril events APP", function()
     it("prints every event class with its subscribers, deferred ones marked", function()
       local status, out, err = support.run("events spec/fixtures/orders")
