@@ -5,7 +5,8 @@
 --      backend (fsync = "always": each publish returns after the fdatasync of its batch), and
 --      the fdatasyncs per second that took (target: >= 20,000 publishes/s by group commit);
 --      also from 1 publisher (no group to commit), and with fsync = "batch" and "never"
---   3. the same on the postgres backend when DATABASE_URL is set (scripts/with-services)
+--   3. the same on the postgres backend when DATABASE_URL is set (scripts/with-services), and
+--      how fast its runner drains a queue of 5,000 tasks
 -- The journal goes under build/ (a real disk: /tmp may be tmpfs, where fsync costs nothing).
 -- Usage: fibril bench/events.lua [seconds per deferred run]
 local fibril = require "fibril"
@@ -102,6 +103,25 @@ if os.getenv("DATABASE_URL") and ok_pg then
   local tbl = "bench_deferred_" .. os.time()
   deferred_run("postgres", { backend = "postgres", table = tbl, concurrency = 16 })
   pg:exec("drop table if exists " .. tbl)
+  -- The runner alone: 5,000 queued tasks (one transaction), then the time until none is left.
+  local Task = require "fibril.task"
+  local T = Task:extend("BenchDrain")
+  function T.perform() end
+  local store = require("fibril.deferred.postgres").open{ table = tbl }
+  local tasks = {}
+  for i = 1, 5000 do
+    tasks[i] = { id = "drain-" .. i, kind = "task", task = "BenchDrain", args = {}, attempt = 0 }
+  end
+  store:add(tasks)
+  store:close()
+  local t0 = now()
+  deferred.start{ backend = "postgres", table = tbl, concurrency = 16, poll_interval = 0.05 }
+  while pg:query("select count(*)::int as c from " .. tbl)[1].c > 0 do fibril.sleep(0.02) end
+  local took = now() - t0
+  deferred.stop(10)
+  pg:exec("drop table if exists " .. tbl)
+  print(("deferred postgres: the runner (16 workers) drains 5000 empty tasks at %d tasks/s")
+        :format(5000 / took))
 else
   print("deferred postgres: skipped (no DATABASE_URL, or no fibril.pg)")
 end
