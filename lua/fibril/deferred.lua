@@ -184,7 +184,10 @@ function M._schedule(r, entries)
         local ok, err = pcall(function()
           local T = require("fibril.task").find(e.task)
           if not T then error("no task class named '" .. tostring(e.task) .. "'", 0) end
-          T:enqueue(e.args or {})
+          -- One id per task and period: a second scheduler (another machine on the postgres
+          -- backend) inserting the same period's task is a no-op (ON CONFLICT DO NOTHING).
+          local period = math.floor(walltime() / e.every)
+          T:enqueue(e.args or {}, { id = format("schedule:%s:%d", e.task, period) })
         end)
         if not ok then log.error("deferred schedule failed", { task = e.task, err = tostring(err) }) end
       end
@@ -288,13 +291,14 @@ function M.enqueue_event(ev, subs, opts)
 end
 
 --- Queues a task of a fibril.task class (Task:enqueue calls it).
----@param opts table|nil { delay = s } or { delay_until = epoch seconds }, { tx = tx }
+---@param opts table|nil { delay = s } or { delay_until = epoch seconds }, { tx = tx },
+---   { id = "..." } (a task with that id still pending makes this a no-op)
 function M.enqueue_task(class, args, opts)
   local r = need_runner(class.name .. ":enqueue", opts)
   local run_at
   if opts and opts.delay then run_at = walltime() + opts.delay end
   if opts and opts.delay_until then run_at = opts.delay_until end
-  local t = { id = require("fibril.events").new_id(), kind = "task", task = class.name,
+  local t = { id = opts and opts.id or require("fibril.events").new_id(), kind = "task", task = class.name,
               args = args, attempt = 0, run_at = run_at, ctx = context_tags(),
               retries = class.retries, backoff = class.backoff,
               max_concurrency = class.max_concurrency }

@@ -59,6 +59,14 @@ local function check_opts(opts)
                    k == "retries" and ">= 0" or ">= 1"), 3)
     end
   end
+  local b = opts.backoff
+  if b then
+    for k, v in pairs(b) do
+      if (k ~= "min" and k ~= "max") or type(v) ~= "number" or not (v > 0 and v < math.huge) then
+        error("subscribe_to: backoff must be { min = seconds, max = seconds } (or seconds)", 3)
+      end
+    end
+  end
   if (opts.retries or opts.backoff or opts.max_concurrency) and not opts.deferred then
     error("subscribe_to: retries, backoff and max_concurrency apply to deferred subscribers "
           .. "(add deferred = true)", 3)

@@ -49,7 +49,8 @@ end
 
 --- Queues a run of this task with args (JSON values), durably.
 ---@param args table|nil
----@param opts table|nil { delay = s } | { delay_until = epoch seconds }; { tx = tx } (postgres)
+---@param opts table|nil { delay = s } | { delay_until = epoch seconds }; { tx = tx } (postgres);
+---   { id = "..." }: an id of your own (an enqueue while that id is pending does nothing)
 ---@return string the task id
 function Task:enqueue(args, opts)
   if self == Task or not Task.is_task(self) then error("enqueue: call it on a task class (T:enqueue)", 2) end
