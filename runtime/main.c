@@ -16,6 +16,9 @@ static void usage(FILE *out) {
           "usage: fibril run APP [--host H] [--port P] [--workers N] [--env E]\n"
           "                                   serve an app directory over HTTP\n"
           "       fibril routes APP           print the app's route table\n"
+          "       fibril events APP           print the event -> subscriber tree\n"
+          "       fibril deferred APP [list|retry ID|retry-all]\n"
+          "                                   list or retry dead deferred tasks\n"
           "       fibril new NAME             create a new app directory\n"
           "       fibril FILE.lua [ARGS...]   run a script as the main fiber, loop included\n"
           "       fibril test [PATH...]       run busted specs inside the runtime (default: spec)\n"
@@ -91,7 +94,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (strcmp(cmd, "test") == 0) return run_module_main(argv[0], "fibril.test", argc - 2, argv + 2);
-  if (strcmp(cmd, "run") == 0 || strcmp(cmd, "routes") == 0 || strcmp(cmd, "new") == 0)
+  if (strcmp(cmd, "run") == 0 || strcmp(cmd, "routes") == 0 || strcmp(cmd, "new") == 0 ||
+      strcmp(cmd, "events") == 0 || strcmp(cmd, "deferred") == 0)
     return run_module_main(argv[0], "fibril.cli", argc - 1, argv + 1);
   if (ends_with(cmd, ".lua") || strchr(cmd, '/') || stat(cmd, &st) == 0)
     return run_script(argv[0], cmd, argc - 2, argv + 2);

@@ -18,6 +18,7 @@
 #include "process.h"
 #include "fs.h"
 #include "fswatch.h"
+#include "journal.h"
 #include "redis.h"
 #include "pg.h"
 #include "http_client.h"
@@ -124,6 +125,7 @@ lua_State *fb_vm_new(uv_loop_t *loop) {
   preload(L, "fibril.core.process", luaopen_fibril_core_process);
   preload(L, "fibril.core.fs", luaopen_fibril_core_fs);
   preload(L, "fibril.core.fswatch", luaopen_fibril_core_fswatch);
+  preload(L, "fibril.core.journal", luaopen_fibril_core_journal);
   preload(L, "fibril.core.redis", luaopen_fibril_core_redis);
   preload(L, "fibril.core.pg", luaopen_fibril_core_pg);
   preload(L, "fibril.core.http_client", luaopen_fibril_core_http_client);

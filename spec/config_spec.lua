@@ -50,7 +50,10 @@ local DESIGN_DEFAULTS = {
                   max_connections = 256, idle_timeout = 30, max_body = 16777216,
                   max_header_bytes = 65536, max_redirects = 5 },
   deferred = { backend = "journal", path = "storage/deferred", concurrency = 16,
-               retries = 20, fsync = "always" },
+               retries = 20, fsync = "always",
+               -- docs/deferred.md
+               fsync_interval = 0.1, backoff_min = 1, backoff_max = 600, max_pending = 100000,
+               enqueue_timeout = 5, poll_interval = 1, table = "fibril_deferred", schedule = nil },
   daemons = { backoff_min = 0.1, backoff_max = 30, reset_after = 60 },   -- docs/daemons.md
 }
 

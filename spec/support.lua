@@ -46,6 +46,15 @@ function M.run(args)
   return status, read_all(out), read_all(err)
 end
 
+--- Like run, with environment assignments before the command ("A='1' B='2' ").
+function M.run_env(env_prefix, args)
+  local out, err = M.tmpdir() .. "/run.out", M.tmpdir() .. "/run.err"
+  local p = io.popen(("%s%s %s >%s 2>%s; echo $?"):format(env_prefix, M.fibril, args, out, err))
+  local status = tonumber(p:read("*l"))
+  p:close()
+  return status, read_all(out), read_all(err)
+end
+
 --- Runs a Lua script given as a string in a fresh fibril process.
 function M.run_script(source, args)
   local path = M.write("script_" .. tostring(os.time()) .. math.random(1e9) .. ".lua", source)

@@ -1,5 +1,6 @@
 --- fibril.app: loads an app directory: config/app.lua for the environment, routes.lua, the
---- controllers the routes name, the daemons in APP/daemons, and APP/lib on package.path.
+--- controllers the routes name, the daemons in APP/daemons, the event subscribers in
+--- APP/subscribers and task classes in APP/tasks, and APP/lib on package.path.
 --- Every boot error names the file (and line, when Lua knows it) and says what to do.
 local config = require "fibril.config"
 local Router = require "fibril.router"
@@ -107,8 +108,66 @@ local function load_daemons(dir)
   return daemons
 end
 
+-- Every APP/<sub>/*.lua in file name order, each required as "<sub>.<base>" and checked by
+-- is_ok (what it must return, for the error). Returns the modules and their file names.
+local function load_each(dir, sub, is_ok, what)
+  local entries, err, code = fs.list(dir .. "/" .. sub)
+  if not entries then
+    if code == "ENOENT" then return {} end
+    boot_error(format("cannot list %s/%s: %s", dir, sub, tostring(err)))
+  end
+  local names = {}
+  for _, e in ipairs(entries) do
+    local base = e.type ~= "dir" and e.name:match("^([^.].*)%.lua$")
+    if base and base:find(".", 1, true) then
+      boot_error(format("%s/%s/%s: the file's name cannot contain '.' (require reads it as a "
+                        .. "directory)", dir, sub, e.name))
+    end
+    if base then names[#names + 1] = base end
+  end
+  sort(names)
+  local mods = {}
+  for _, base in ipairs(names) do
+    local ok, m = pcall(require, sub .. "." .. base)
+    if not ok then boot_error(tostring(m)) end
+    if not is_ok(m) then
+      boot_error(format("%s/%s/%s.lua: must return %s, got %s", dir, sub, base, what, type(m)))
+    end
+    mods[#mods + 1] = m
+  end
+  return mods
+end
+
+-- APP/events, APP/tasks (task classes), then APP/subscribers: the subscribers declare their subscriptions
+-- as they load, so the whole event graph is known at boot (fibril events APP prints it).
+local function load_subscribers(dir)
+  local events = require "fibril.events"
+  local Subscriber = require "fibril.subscriber"
+  local Task = require "fibril.task"
+  load_each(dir, "events", events.is_class, 'an event class (events.define(...))')
+  local tasks = load_each(dir, "tasks", Task.is_task, 'a task class (Task:extend("Name"))')
+  -- A subscriber file that fails leaves the old subscriptions in place (a reload keeps the
+  -- old code running).
+  local saved = events.reset_subscriptions()
+  local ok, subs = pcall(load_each, dir, "subscribers", Subscriber.is_subscriber,
+                         'a subscriber (Subscriber:extend("Name"))')
+  if not ok then
+    events.restore_subscriptions(saved)
+    error(subs, 0)
+  end
+  local seen = {}
+  for _, S in ipairs(subs) do
+    if seen[S.name] then boot_error(format("%s: two subscribers are named '%s'", dir, S.name)) end
+    seen[S.name] = true
+    if S.call == Subscriber.call then
+      boot_error(format("%s/subscribers: subscriber %s has no call method", dir, S.name))
+    end
+  end
+  return subs, tasks
+end
+
 --- Loads the app at dir for env; overrides are command-line settings ({ port = 4000 }).
----@return table app { dir, env, config, router, controllers, daemons, public }
+---@return table app { dir, env, config, router, controllers, daemons, subscribers, tasks, public }
 function M.load(dir, env, overrides)
   if type(dir) ~= "string" or not is_dir(dir) then
     boot_error(format("no app directory at '%s'", tostring(dir)))
@@ -129,10 +188,11 @@ function M.load(dir, env, overrides)
     end
   end
   local daemons = load_daemons(dir)
+  local subscribers, tasks = load_subscribers(dir)
   local public = dir .. "/public"
   return {
     dir = dir, env = cfg.env, config = cfg, router = router, controllers = controllers,
-    daemons = daemons,
+    daemons = daemons, subscribers = subscribers, tasks = tasks,
     overrides = overrides,
     public = is_dir(public) and public or nil,
   }

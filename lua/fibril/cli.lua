@@ -1,8 +1,9 @@
---- fibril.cli: the app commands of the fibril binary: run, routes, new. runtime/main.c calls
---- main(command, args...) in the main fiber; each command returns through fibril.exit.
+--- fibril.cli: the app commands of the fibril binary: run, routes, events, deferred, new.
+--- runtime/main.c calls main(command, args...) in the main fiber; each command returns
+--- through fibril.exit.
 local fibril = require "fibril"
 
-local stderr, format, tonumber = io.stderr, string.format, tonumber
+local stderr, format, tonumber, unpack = io.stderr, string.format, tonumber, unpack
 
 local M = {}
 
@@ -87,6 +88,50 @@ function M.routes(args)
   local line = "%-" .. widths[1] .. "s  %-" .. widths[2] .. "s  %s\n"
   io.stdout:write(format(line, "METHOD", "PATH", "TARGET"))
   for _, row in ipairs(rows) do io.stdout:write(format(line, row[1], row[2], row[3])) end
+  fibril.exit(0)
+end
+
+--- fibril events APP: every event class with its subscribers, deferred ones marked, as a
+--- tree; the app is loaded (subscribers declare themselves) but not served.
+function M.events(args)
+  local app_dir = parse("events", args, {})
+  load_app(app_dir, os.getenv("FIBRIL_ENV") or "development")
+  local out = {}
+  for _, line in ipairs(require("fibril.events").tree()) do out[#out + 1] = line .. "\n" end
+  io.stdout:write(table.concat(out))
+  fibril.exit(0)
+end
+
+-- One deferred subcommand: returns the text to print, or nil, an error and the exit status.
+local function deferred_command(app, sub, ids)
+  local admin = require "fibril.deferred.admin"
+  if sub == "list" then return admin.format_list(admin.dead(app)) end
+  if sub == "retry" then
+    if #ids == 0 then return nil, "deferred retry: which task? (fibril deferred APP retry ID...)", 2 end
+    local found = {}
+    for _, id in ipairs(admin.retry(app, ids)) do found[id] = true end
+    for _, id in ipairs(ids) do
+      if not found[id] then return nil, format("deferred retry: no dead task '%s'", id), 1 end
+    end
+    return format("queued again: %d task(s)\n", #ids)
+  end
+  if sub == "retry-all" then return format("queued again: %d task(s)\n", #admin.retry(app, nil)) end
+  return nil, format("deferred: unknown subcommand '%s' (list, retry ID, retry-all)", sub), 2
+end
+
+--- fibril deferred APP [list|retry ID...|retry-all]: the dead deferred tasks of the app
+--- (journal backend: APP/storage/deferred/dead.log; postgres: the queue table), and queuing
+--- them again (a running server picks them up within a second; else the next boot does).
+function M.deferred(args)
+  local app_dir, sub = args[1], args[2] or "list"
+  if not app_dir or app_dir:sub(1, 2) == "--" then
+    die("deferred: which app? (fibril deferred APP [list|retry ID|retry-all])", 2)
+  end
+  local app = load_app(app_dir, os.getenv("FIBRIL_ENV") or "development")
+  local ok, text, msg, status = pcall(deferred_command, app, sub, { unpack(args, 3) })
+  if not ok then die(tostring(text), 1) end
+  if not text then die(msg, status) end
+  io.stdout:write(text)
   fibril.exit(0)
 end
 

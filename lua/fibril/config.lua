@@ -43,6 +43,18 @@ local function one_of(...)
   end
 end
 
+local function schedule(v)   -- a list of { every = seconds, task = "Name", args = {...} }
+  for i, e in pairs(v) do
+    if type(i) ~= "number" or type(e) ~= "table" or type(e.task) ~= "string"
+       or type(e.every) ~= "number" or seconds(e.every) or (e.args ~= nil and type(e.args) ~= "table") then
+      return "a list of { every = seconds, task = \"Name\", args = {...} }"
+    end
+    for k in pairs(e) do
+      if k ~= "every" and k ~= "task" and k ~= "args" then return "entries with every, task, args only" end
+    end
+  end
+end
+
 -- Every key: dotted name -> { type, default, check }. A default of nil still makes the key
 -- known. Each prefix of a dotted name ("http") is a section: a table of its keys.
 -- Times in seconds, sizes in bytes, as in DESIGN.md "Configuration".
@@ -99,6 +111,14 @@ local SCHEMA = {
   ["deferred.concurrency"]   = { "number",  16,          positive_integer },
   ["deferred.retries"]       = { "number",  20,          non_negative_integer },
   ["deferred.fsync"]         = { "string",  "always",    one_of("always", "batch", "never") },
+  ["deferred.fsync_interval"] = { "number", 0.1,         seconds },   -- fsync = "batch": how often
+  ["deferred.backoff_min"]   = { "number",  1,           seconds },   -- first retry delay (before jitter)
+  ["deferred.backoff_max"]   = { "number",  600,         seconds },   -- the delay doubles up to it
+  ["deferred.max_pending"]   = { "number",  100000,      positive_integer },  -- tasks per process
+  ["deferred.enqueue_timeout"] = { "number", 5,          seconds },   -- wait past max_pending
+  ["deferred.poll_interval"] = { "number",  1,           seconds },   -- postgres: idle poll
+  ["deferred.table"]         = { "string",  "fibril_deferred", non_empty },  -- postgres queue table
+  ["deferred.schedule"]      = { "table",   nil,         schedule },  -- { { every = s, task = "Name" } }
 }
 
 -- Derived once from SCHEMA: SECTIONS[""] and SECTIONS["http"] list the names known at that
@@ -258,7 +278,8 @@ end
 -- src is a table and so is the one in dst, since defaults() creates every section).
 local function merge(dst, src)
   for k, v in pairs(src) do
-    if type(v) == "table" then merge(dst[k], v) else dst[k] = v end
+    -- A table-valued key (deferred.schedule) has no table below it: it is copied whole.
+    if type(v) == "table" and type(dst[k]) == "table" then merge(dst[k], v) else dst[k] = v end
   end
 end
 

@@ -6,7 +6,8 @@
 local core = require "fibril.core.fiber"
 local log = require "fibril.log"
 
-local type, error, xpcall, ipairs, rawget, tostring = type, error, xpcall, ipairs, rawget, tostring
+local type, error, xpcall, ipairs, pairs, rawget, tostring =
+      type, error, xpcall, ipairs, pairs, rawget, tostring
 local getinfo, traceback = debug.getinfo, debug.traceback
 local context, set_context = core.context, core.set_context
 
@@ -156,6 +157,30 @@ function M.call_new_fiber(fn, tags, a, b)
   else ok, result = xpcall(fn, add_traceback, a, b) end
   retire(ctx, ok, result)
   return ok, result
+end
+
+--- Like call, but a unit of its own even inside another unit, in this same fiber: the outer
+--- unit's context is set aside (its tags are inherited) and restored after. No reload check
+--- runs first: code must not change under the unit that called it. Inline event subscribers
+--- run through it (lua/fibril/events.lua): their own to_run/to_complete, their own locals.
+---@param tags table|nil log tags added to the outer unit's
+function M.call_nested(fn, tags, ...)
+  local previous = context()
+  if previous and previous.tags then
+    local merged = {}
+    for k, v in pairs(previous.tags) do merged[k] = v end
+    if tags then for k, v in pairs(tags) do merged[k] = v end end
+    tags = merged
+  end
+  local ctx = { active = true, tags = tags }
+  if not set_context(ctx) then
+    error("executor: not inside a fiber (units of work run in fibers)", 2)
+  end
+  for i = 1, #run_callbacks do
+    local err = call_safely("to_run", run_callbacks[i])
+    if err then return complete(ctx, previous, false, add_traceback(err)) end
+  end
+  return complete(ctx, previous, xpcall(fn, add_traceback, ...))
 end
 
 --- Runs fn(...) as one unit of work and returns its results (or raises its error, after the

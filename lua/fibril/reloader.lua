@@ -49,7 +49,10 @@ end
 -- Swaps a freshly loaded app's parts into the live app table, in place: handlers read
 -- app.router and app.controllers for every request.
 local function adopt(app, fresh)
-  for _, k in ipairs({ "config", "router", "controllers", "daemons", "public" }) do app[k] = fresh[k] end
+  for _, k in ipairs({ "config", "router", "controllers", "daemons", "subscribers", "tasks",
+                       "public" }) do
+    app[k] = fresh[k]
+  end
   app.load_error = nil
 end
 

@@ -154,7 +154,12 @@ function M.run(app)
   local reloading = app.config.reload and app.env ~= "production"
                     and require("fibril.reloader").start(app)
   -- Daemons: docs/daemons.md (node-scoped ones run in worker 1 or the single process).
-  local daemons = require("fibril.daemon").start(app, { worker = tonumber(os_getenv("FIBRIL_WORKER") or "") })
+  local worker = tonumber(os_getenv("FIBRIL_WORKER") or "")
+  local daemons = require("fibril.daemon").start(app, { worker = worker })
+  -- Deferred tasks: each process runs the tasks of its own journal, journal-<worker>.log
+  -- (docs/deferred.md: why no task runs twice with --workers N).
+  local deferred = require "fibril.deferred"
+  deferred.boot(app, worker or 1, tonumber(os_getenv("FIBRIL_WORKERS") or "") or 1)
   log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
                              env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main",
                              reload = reloading and "on" or "off" })
@@ -162,6 +167,9 @@ function M.run(app)
   local stopping
   M.drain_on_signal(app, server, function() stopping = fibril.schedule(daemons.stop, daemons) end)
   pcall(fibril.await, stopping)
+  -- After the drain (requests may publish until it ends): running tasks get what is left of
+  -- drain_timeout, then the journal is flushed and closed.
+  deferred.stop(math.max(1, app.config.http.drain_timeout))
   if reloading then reloading.stop() end
   require("fibril.pubsub").use(nil)        -- its reader and relay fibers end with the server
   return 0

@@ -56,6 +56,7 @@ local function spawn_worker(m, slot)
   -- master alone decides when and how the workers stop.
   return process.spawn{ file = m.exe, args = args, detached = true,
                         env = { FIBRIL_WORKER = tostring(slot.i),
+                                FIBRIL_WORKERS = tostring(#m.slots),   -- deferred: orphan journals
                                 FIBRIL_MASTER_PID = tostring(m.pid),
                                 FIBRIL_RELAY_PORT = m.relay_port and tostring(m.relay_port) } }
 end

@@ -1,0 +1,3 @@
+return function(r)
+  r:post("/orders/:id", "orders#create")
+end

@@ -1,0 +1,175 @@
+-- fibril.deferred with the postgres backend, against the real PostgreSQL of
+-- scripts/with-services (DATABASE_URL): tasks run after publish, retries and dead rows, the
+-- CLI's retry, the outbox (rollback leaves no task, commit makes exactly one), and two
+-- processes sharing one table run each task once.
+local fibril = require "fibril"
+local events = require "fibril.events"
+local Subscriber = require "fibril.subscriber"
+local deferred = require "fibril.deferred"
+local log = require "fibril.log"
+local support = require "spec.support"
+
+local url = os.getenv("DATABASE_URL")
+
+local function eventually(cond, seconds, what)
+  local deadline = fibril.now() + (seconds or 5)
+  while not cond() do
+    if fibril.now() > deadline then error("timed out waiting for " .. (what or "a condition"), 2) end
+    fibril.sleep(0.02)
+  end
+end
+
+local n = 0
+local function unique(prefix)
+  n = n + 1
+  return (prefix or "Pg") .. ".E" .. n .. "_" .. math.random(1e6)
+end
+
+local baseline
+if url then
+  local c, r = require("fibril.core.pg").live()
+  baseline = c .. "/" .. r
+end
+
+describe("fibril.deferred (postgres)", function()
+  local pg, tbl, saved
+  before_each(function()
+    if not url then return end
+    pg = require "fibril.pg"
+    tbl = "spec_deferred_" .. math.random(1e9)
+    saved = events.reset_subscriptions()
+  end)
+  after_each(function()
+    if not url then return end
+    deferred.stop(5)
+    events.restore_subscriptions(saved)
+    log.output(nil)
+    pg:exec("drop table if exists " .. tbl)
+  end)
+
+  local function need_db()
+    if not url then pending("DATABASE_URL is not set: run through scripts/with-services") return false end
+    return true
+  end
+
+  it("runs deferred subscribers after publish, and deletes their rows", function()
+    if not need_db() then return end
+    local E = events.define(unique(), { "k" })
+    local got = {}
+    local S = Subscriber:extend("PgLater")
+    S:subscribe_to(E, { deferred = true })
+    function S:call(ev) got[#got + 1] = { k = ev.k, task = self.task_id } end
+    deferred.start{ backend = "postgres", table = tbl, concurrency = 2, poll_interval = 0.2 }
+    local ev = E{ k = 7 }
+    events.publish(ev)
+    eventually(function() return #got == 1 end, 10, "the task")
+    assert.are.equal(7, got[1].k)
+    assert.are.equal(events.id(ev) .. "/PgLater", got[1].task)
+    eventually(function() return pg:query("select count(*)::int as c from " .. tbl)[1].c == 0 end, 5,
+               "the row to go")
+  end)
+
+  it("retries, then keeps the row as dead; the CLI's retry sets it pending again", function()
+    if not need_db() then return end
+    log.output(function() end)
+    local E = events.define(unique(), { "k" })
+    local fail, runs = true, 0
+    local S = Subscriber:extend("PgFlaky")
+    S:subscribe_to(E, { deferred = true, retries = 1, backoff = { min = 0.05, max = 0.1 } })
+    function S.call() runs = runs + 1 if fail then error("db says no") end end
+    deferred.start{ backend = "postgres", table = tbl, concurrency = 1, poll_interval = 0.05 }
+    events.publish(E{ k = 1 })
+    eventually(function() return deferred.stats().dead == 1 end, 10, "the dead row")
+    assert.are.equal(2, runs)
+    local admin = require "fibril.deferred.postgres"
+    local config = { deferred = { table = tbl } }
+    local dead = admin.dead_tasks(config)
+    assert.are.equal(1, #dead)
+    assert.are.equal(2, dead[1].attempt)
+    assert.truthy(dead[1].error:find("db says no", 1, true))
+    fail = false
+    assert.are.same({ dead[1].id }, admin.retry_dead(config, { dead[1].id }))
+    eventually(function() return runs == 3 end, 10, "the retried task")
+    assert.are.same({}, admin.dead_tasks(config))
+  end)
+
+  it("outbox: a rolled back transaction leaves no task, a committed one exactly one", function()
+    if not need_db() then return end
+    local E = events.define(unique(), { "k" })
+    local ran = {}
+    local S = Subscriber:extend("PgOutbox")
+    S:subscribe_to(E, { deferred = true })
+    function S.call(_, ev) ran[#ran + 1] = ev.k end
+    deferred.start{ backend = "postgres", table = tbl, concurrency = 2, poll_interval = 0.05 }
+    local ok = pcall(pg.transaction, pg, function(tx)
+      events.publish(E{ k = 1 }, { tx = tx })
+      -- Inside the transaction the row exists; outside it does not yet.
+      assert.are.equal(1, tx:query("select count(*)::int as c from " .. tbl)[1].c)
+      error("business write failed")
+    end)
+    assert.is_false(ok)
+    pg:transaction(function(tx)
+      events.publish(E{ k = 2 }, { tx = tx })
+      fibril.sleep(0.3)                         -- runners poll meanwhile: nothing is visible
+      assert.are.same({}, ran)
+    end)
+    eventually(function() return #ran == 1 end, 10, "the committed task")
+    fibril.sleep(0.3)
+    assert.are.same({ 2 }, ran)
+  end)
+
+  it("two processes sharing the table run each task once", function()
+    if not need_db() then return end
+    pg:exec("create table " .. tbl .. "_runs (id text, pid int)")
+    local script = [[
+      local fibril = require "fibril"
+      local pg = require "fibril.pg"
+      local Task = require "fibril.task"
+      local deferred = require "fibril.deferred"
+      local tbl, want = arg[1], tonumber(arg[2])
+      local T = Task:extend("Shared")
+      local pid = require("fibril.core.process").pid()
+      function T:perform()
+        pg:exec("insert into " .. tbl .. "_runs (id, pid) values ($1, $2)", self.task_id, pid)
+        fibril.sleep(0.01)
+      end
+      deferred.start{ backend = "postgres", table = tbl, concurrency = 4, poll_interval = 0.05 }
+      local deadline = fibril.now() + 30
+      while fibril.now() < deadline do
+        local c = pg:query("select count(*)::int as c from " .. tbl .. "_runs")[1].c
+        if c >= want then break end
+        fibril.sleep(0.05)
+      end
+      fibril.sleep(0.3)
+      deferred.stop(5)
+      pg:close()
+    ]]
+    local path = support.write("pg_shared_" .. math.random(1e9) .. ".lua", script)
+    -- The table exists before the children start (they would create it, too).
+    local store = require("fibril.deferred.postgres").open{ table = tbl }
+    local tasks = {}
+    for i = 1, 120 do
+      tasks[i] = { id = "shared-" .. i, kind = "task", task = "Shared", args = {}, attempt = 0 }
+    end
+    store:add(tasks)
+    store:close()
+    local cmd = ("%s '%s' %s 120 >/dev/null 2>&1"):format(support.fibril, path, tbl)
+    local p1 = io.popen(cmd .. " & " .. cmd .. " & wait; echo done")
+    assert.are.equal("done", p1:read("*l"))
+    p1:close()
+    local row = pg:query(("select count(*)::int as runs, count(distinct id)::int as ids, "
+                          .. "count(distinct pid)::int as pids from %s_runs"):format(tbl))[1]
+    pg:exec("drop table " .. tbl .. "_runs")
+    assert.are.equal(120, row.ids)
+    assert.are.equal(120, row.runs)                -- none twice
+    assert.are.equal(2, row.pids)                  -- both took a share
+  end)
+
+  it("leaves no connection, poll handle or operation behind (the default pool closed)", function()
+    if not url then pending("DATABASE_URL is not set") return end
+    local core = require "fibril.core.pg"
+    local function live() local c, r = core.live() return c .. "/" .. r end
+    pg:close()
+    assert.are.equal(baseline, support.settled(live, baseline))
+  end)
+end)
