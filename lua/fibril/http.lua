@@ -4,7 +4,7 @@
 ---   local res = http.get("https://api.example/repos/x/issues/1", { timeout = 5 })
 ---   local issue = res:json()
 --- Failures raise error objects ({ code, message }) naming the method and URL; an HTTP error
---- status is not a failure (check res.status). docs/http_client.md is the guide.
+--- status is not a failure (check res.status). docs/http-client.md is the guide.
 local core = require "fibril.core.http_client"
 local fcore = require "fibril.core.fiber"
 local message = require "fibril.http.message"
