@@ -27,6 +27,8 @@ void fb_sched_shutdown(void);
 /* After lua_close: closes the scheduler's own handles and frees its queue. */
 void fb_sched_close(void);
 uv_loop_t *fb_sched_loop(void);
+/* Runs the ready fibers now, when called from a libuv callback (a no-op inside a fiber). */
+void fb_sched_run_ready(void);
 
 /* Creates a fiber running the function below nargs arguments on L's top (they are moved into
  * it) and pushes its handle; it starts on the next loop turn. Callable outside any fiber. */

@@ -134,6 +134,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   if (c->state == CS_CLOSING) return;
   parse(c, buf->base, (size_t)nread);
+  fb_sched_run_ready();          /* this request's handler now, before the next connection */
 }
 
 static void start_reading(fb_http_conn_t *c) {
