@@ -371,7 +371,7 @@ static void dispatch(fb_http_conn_t *c) {
   q = memchr(url, '?', c->url_len);
   path_len = q ? (size_t)(q - url) : c->url_len;
   if (c->srv->access_log) {
-    size_t n = path_len < 200 ? path_len : 200;
+    size_t n = path_len < sizeof c->path_log - 1 ? path_len : sizeof c->path_log - 1;
     memcpy(c->path_log, url, n);
     c->path_log[n] = '\0';
   }

@@ -89,7 +89,7 @@ struct fb_http_conn_s {
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
   char method[24];
-  char path_log[256];       /* the start of the path, for the access log */
+  char path_log[128];       /* the path, cut at 127 bytes, for the access log */
 };
 
 /* http.c */
