@@ -2,12 +2,10 @@
 --- dispatching fiber (running while there is work) delivers messages in publish order, each
 --- handler call a unit of work, so a slow or failing handler never runs inside the publisher.
 --- With --workers N the master relays every message to the other workers (pubsub/relay.lua).
-local executor = require "fibril.executor"
 local fcore = require "fibril.core.fiber"
-local log = require "fibril.log"
+local deliver = require "fibril.pubsub.deliver"
 
-local setmetatable, tostring, tonumber, type, remove, pcall = setmetatable, tostring, tonumber,
-      type, table.remove, pcall
+local setmetatable, tonumber, remove = setmetatable, tonumber, table.remove
 local spawn, set_context = fcore.spawn, fcore.set_context
 
 local M = {}
@@ -34,23 +32,6 @@ function M.new()
   return self
 end
 
--- Calls each handler of channel with message, each a unit of work (framework-internal raw
--- handlers directly); errors are logged.
-local function deliver(list, channel, message, id)
-  for i = 1, #list do
-    local sub = list[i]
-    if sub and sub.active then
-      local ok, err
-      if sub.raw then ok, err = pcall(sub.fn, message, channel, id)
-      else ok, err = executor.call(sub.fn, { channel = channel }, message, channel, id) end
-      if not ok then
-        log.error("pubsub handler failed", { channel = channel,
-                  err = tostring(type(err) == "table" and err.message or err),
-                  traceback = type(err) == "table" and err.traceback or nil })
-      end
-    end
-  end
-end
 
 local function dispatch(self)
   set_context(nil)               -- not part of the publisher's unit
@@ -61,10 +42,7 @@ local function dispatch(self)
     q[i], q[i + 1], q[i + 2] = nil, nil, nil
     self.head = i + 3
     local list = self.channels[channel]
-    if list then
-      local copy = { unpack(list) }   -- handlers may unsubscribe while we iterate
-      deliver(copy, channel, message, id)
-    end
+    if list then deliver(list, "pubsub handler failed", { channel = channel }, message, channel, id) end
   end
   self.head, self.tail, self.running = 1, 0, false
 end

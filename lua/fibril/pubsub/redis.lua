@@ -8,7 +8,7 @@
 --- delivers each entry once. Every process reads every entry of the stream: one stream key
 --- (`pubsub.stream`, default "fibril:pubsub") is one broadcast domain.
 local redis = require "fibril.redis"
-local executor = require "fibril.executor"
+local deliver_to = require "fibril.pubsub.deliver"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 
@@ -58,20 +58,7 @@ local function deliver(self, channel, message, id)
     for i = 1, #taps do taps[i].fn(message, channel, id) end
   end
   local list = self.channels[channel]
-  if not list then return end
-  for i = #list, 1, -1 do        -- removal while iterating is safe from the end
-    local sub = list[i]
-    if sub and sub.active then
-      local ok, err
-      if sub.raw then ok, err = pcall(sub.fn, message, channel, id)
-      else ok, err = executor.call(sub.fn, { channel = channel }, message, channel, id) end
-      if not ok then
-        log.error("pubsub handler failed", { channel = channel,
-                  err = tostring(type(err) == "table" and err.message or err),
-                  traceback = type(err) == "table" and err.traceback or nil })
-      end
-    end
-  end
+  if list then deliver_to(list, "pubsub handler failed", { channel = channel }, message, channel, id) end
 end
 
 -- Hands one XREAD reply's entries to the handlers and advances last_id.

@@ -4,7 +4,7 @@
 --- again from the URL) and subscribes to everything again. Messages published while it was
 --- away are lost: that is Redis pub/sub (fibril.pubsub's redis adapter uses a stream instead).
 local conn = require "fibril.redis.conn"
-local executor = require "fibril.executor"
+local deliver = require "fibril.pubsub.deliver"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 local waitq = require "fibril.waitq"
@@ -38,18 +38,8 @@ local function empty(self)
 end
 
 local function run_handlers(entry, message, channel, pattern)
-  local list = entry.list
-  for i = #list, 1, -1 do        -- a copy would cost a table per message; removal is safe
-    local sub = list[i]
-    if sub and sub.active then
-      local ok, err = executor.call(sub.fn, { subscription = sub.name }, message, channel, pattern)
-      if not ok then
-        log.error("redis subscription handler failed", { channel = channel, pattern = pattern,
-                  err = tostring(type(err) == "table" and err.message or err),
-                  traceback = type(err) == "table" and err.traceback or nil })
-      end
-    end
-  end
+  deliver(entry.list, "redis subscription handler failed",
+          { channel = channel, pattern = pattern }, message, channel, pattern)
 end
 
 local function confirm(self, kind, name)
