@@ -210,6 +210,7 @@ describe("fibril.sse", function()
 
   it("reaches the streams of every worker with --workers 2 (the master relays)", function()
     local app = support.start_app("spec/fixtures/sse_browser", "--env test --workers 2")
+    finally(function() app.stop("KILL") end)    -- also when an assertion fails
     -- The master says it listens once one worker does: wait for both (slow under ASan).
     assert.is_true(eventually(function()
       local log = app.log()
