@@ -9,7 +9,7 @@ local deferred = require "fibril.deferred"
 local log = require "fibril.log"
 local support = require "spec.support"
 
-local url = os.getenv("DATABASE_URL")
+support.service_env("DATABASE_URL")            -- a real PostgreSQL, never skipped
 
 local function eventually(cond, seconds, what)
   local deadline = fibril.now() + (seconds or 5)
@@ -26,7 +26,7 @@ local function unique(prefix)
 end
 
 local baseline
-if url then
+do
   local c, r = require("fibril.core.pg").live()
   baseline = c .. "/" .. r
 end
@@ -34,26 +34,18 @@ end
 describe("fibril.deferred (postgres)", function()
   local pg, tbl, saved
   before_each(function()
-    if not url then return end
     pg = require "fibril.pg"
     tbl = "spec_deferred_" .. math.random(1e9)
     saved = events.reset_subscriptions()
   end)
   after_each(function()
-    if not url then return end
     deferred.stop(5)
     events.restore_subscriptions(saved)
     log.output(nil)
     pg:exec("drop table if exists " .. tbl)
   end)
 
-  local function need_db()
-    if not url then pending("DATABASE_URL is not set: run through scripts/with-services") return false end
-    return true
-  end
-
   it("runs deferred subscribers after publish, and deletes their rows", function()
-    if not need_db() then return end
     local E = events.define(unique(), { "k" })
     local got = {}
     local S = Subscriber:extend("PgLater")
@@ -70,7 +62,6 @@ describe("fibril.deferred (postgres)", function()
   end)
 
   it("retries, then keeps the row as dead; the CLI's retry sets it pending again", function()
-    if not need_db() then return end
     log.output(function() end)
     local E = events.define(unique(), { "k" })
     local fail, runs = true, 0
@@ -94,7 +85,6 @@ describe("fibril.deferred (postgres)", function()
   end)
 
   it("outbox: a rolled back transaction leaves no task, a committed one exactly one", function()
-    if not need_db() then return end
     local E = events.define(unique(), { "k" })
     local ran = {}
     local S = Subscriber:extend("PgOutbox")
@@ -119,7 +109,6 @@ describe("fibril.deferred (postgres)", function()
   end)
 
   it("two processes sharing the table run each task once", function()
-    if not need_db() then return end
     pg:exec("create table " .. tbl .. "_runs (id text, pid int)")
     local script = [[
       local fibril = require "fibril"
@@ -166,7 +155,6 @@ describe("fibril.deferred (postgres)", function()
   end)
 
   it("leaves no connection, poll handle or operation behind (the default pool closed)", function()
-    if not url then pending("DATABASE_URL is not set") return end
     local core = require "fibril.core.pg"
     local function live() local c, r = core.live() return c .. "/" .. r end
     pg:close()

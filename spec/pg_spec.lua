@@ -7,9 +7,8 @@ local executor = require "fibril.executor"
 local process = require "fibril.process"
 local support = require "spec.support"
 
-local url = os.getenv("DATABASE_URL")
-local host, port, user, dbname
-if url then user, host, port, dbname = url:match("^postgresql://([^@]+)@([^:]+):(%d+)/(.+)$") end
+local url = support.service_env("DATABASE_URL")
+local user, host, port, dbname = url:match("^postgresql://([^@]+)@([^:]+):(%d+)/(.+)$")
 
 local function live()
   local conns, requests = pg.live()
@@ -94,8 +93,7 @@ describe("fibril.pg", function()
     end)
 
     it("rejects a wrong password with code auth", function()
-      local data = os.getenv("FIBRIL_PG_DATA")
-      if not data then pending("FIBRIL_PG_DATA not set") return end
+      local data = support.service_env("FIBRIL_PG_DATA")
       pg:exec("drop role if exists spec_pw")
       pg:exec("create role spec_pw login password 'right-one'")
       local hba = data .. "/pg_hba.conf"
@@ -645,8 +643,7 @@ describe("fibril.pg", function()
 
   describe("faults", function()
     it("survives a server restart mid-load: in-flight queries fail clearly, then succeed", function()
-      local ctl = os.getenv("FIBRIL_PG_CTL")
-      if not ctl then pending("FIBRIL_PG_CTL not set") return end
+      local ctl = support.service_env("FIBRIL_PG_CTL")
       local pool = pg.pool{ url = url, size = 5, checkout_timeout = 10 }
       local stop, ok_count, errors = false, 0, {}
       local workers = {}

@@ -8,7 +8,7 @@ local ratelimit = require "fibril.ratelimit"
 local redis = require "fibril.redis"
 local support = require "spec.support"
 
-local REDIS_URL = os.getenv("REDIS_URL")
+local REDIS_URL = support.service_env("REDIS_URL")
 
 -- Takes single tokens in `fibers` fibers for `window` seconds; returns how many were granted
 -- before the window ended.
@@ -111,10 +111,6 @@ describe("fibril.ratelimit in-process", function()
 end)
 
 describe("fibril.ratelimit in Redis", function()
-  if not REDIS_URL then
-    pending("needs REDIS_URL (run under scripts/with-services)")
-    return
-  end
   local conn, n = nil, 0
   local function key()
     n = n + 1

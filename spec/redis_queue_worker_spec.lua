@@ -4,14 +4,10 @@ local fibril = require "fibril"
 local redis = require "fibril.redis"
 local support = require "spec.support"
 
-local REDIS_URL = os.getenv("REDIS_URL")
+local REDIS_URL = support.service_env("REDIS_URL")
 local EXAMPLE = "examples/redis_queue_worker"
 
 describe("the redis_queue_worker example", function()
-  if not REDIS_URL then
-    pending("needs REDIS_URL (run under scripts/with-services)")
-    return
-  end
   local conn, h, key
   before_each(function()
     conn = redis.connect(REDIS_URL)

@@ -37,6 +37,17 @@ local function read_all(path)
   return s
 end
 
+--- The value of an environment variable that scripts/with-services sets (REDIS_URL,
+--- DATABASE_URL, FIBRIL_PG_CTL...). A spec that claims to test a real server never skips it:
+--- without the variable it raises, naming the way to run it.
+function M.service_env(name)
+  local v = os.getenv(name)
+  if not v or v == "" then
+    error(name .. " is not set: run the specs through scripts/with-services (make test does)", 2)
+  end
+  return v
+end
+
 --- Runs `fibril ARGS` (a shell-quoted string); returns exit status, stdout, stderr.
 function M.run(args)
   local out, err = M.tmpdir() .. "/run.out", M.tmpdir() .. "/run.err"
