@@ -11,11 +11,11 @@ local redis = require "fibril.redis"
 local deliver_to = require "fibril.pubsub.deliver"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
+local backoff = require "fibril.backoff"
 
 local setmetatable, tostring, type, pcall, remove, next, floor =
       setmetatable, tostring, type, pcall, table.remove, next, math.floor
 local TAP = {}                   -- the channels key under which taps keep the reader running
-local min, random = math.min, math.random
 local spawn, sleep, set_context, walltime = fcore.spawn, fcore.sleep, fcore.set_context,
       fcore.walltime
 
@@ -27,7 +27,6 @@ local SubMT = { __index = Sub }
 
 local BLOCK_MS = 5000            -- XREAD BLOCK: short enough to notice a silent server
 local BATCH = 512                -- entries per XREAD
-local BACKOFF_MIN, BACKOFF_MAX = 0.05, 5
 
 ---@param url string the Redis server
 ---@param cfg table|nil { retention = 300 (seconds kept in the stream), stream = key,
@@ -110,7 +109,7 @@ local function read_loop(self, c)
                    err = tostring(type(conn_or_err) == "table" and conn_or_err.message
                                   or conn_or_err) })
         end
-        sleep(min(BACKOFF_MIN * 2 ^ (failures - 1), BACKOFF_MAX) * (0.5 + random() * 0.5))
+        sleep(backoff.delay(failures))
       end
     else
       local ok, reply = pcall(c.call, c, "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS",

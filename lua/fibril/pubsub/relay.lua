@@ -6,11 +6,11 @@
 --- Messages are framed as one chunk each: "<#channel>:<channel><#id>:<id><message>".
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
+local backoff = require "fibril.backoff"
 
 local tostring, tonumber, pcall, type, pairs, setmetatable, assert =
       tostring, tonumber, pcall, type, pairs, setmetatable, assert
-local sub, find, format, min, random = string.sub, string.find, string.format, math.min,
-      math.random
+local sub, find, format = string.sub, string.find, string.format
 local spawn, sleep, set_context = fcore.spawn, fcore.sleep, fcore.set_context
 
 local M = {}
@@ -122,7 +122,7 @@ local function receive_loop(self)
       log.warn("pubsub relay: connection to the master lost, reconnecting",
                { worker = self.worker, err = tostring(type(err) == "table" and err.message or err) })
     end
-    sleep(min(0.05 * 2 ^ (failures - 1), 2) * (0.5 + random() * 0.5))
+    sleep(backoff.delay(failures, 2))
   end
 end
 

@@ -8,11 +8,11 @@ local conn = require "fibril.redis.conn"
 local executor = require "fibril.executor"
 local fcore = require "fibril.core.fiber"
 local waitq = require "fibril.waitq"
+local backoff = require "fibril.backoff"
 
 local type, error, setmetatable, pcall, rawset, tostring, pairs =
       type, error, setmetatable, pcall, rawset, tostring, pairs
-local upper, find, format, min, random = string.upper, string.find, string.format, math.min,
-      math.random
+local upper, find, format = string.upper, string.find, string.format
 local now, new_error = fcore.now, fcore.error
 local blocking = conn.blocking
 
@@ -20,8 +20,6 @@ local M = {}
 local Pool = {}
 M.Pool = Pool
 
--- Reconnect backoff after a failed connect: 50 ms doubling up to 5 s, with jitter.
-local BACKOFF_MIN, BACKOFF_MAX = 0.05, 5
 
 -- One side of a pool: the connections for ordinary commands, or those for blocking ones.
 local function new_set(size)
@@ -79,8 +77,7 @@ local function open_conn(self, set)
   if not ok then
     set.open = set.open - 1
     set.failures = set.failures + 1
-    local delay = min(BACKOFF_MIN * 2 ^ (set.failures - 1), BACKOFF_MAX)
-    set.retry_at = now() + delay * (0.5 + random() * 0.5)
+    set.retry_at = now() + backoff.delay(set.failures)
     set.last_error = type(c) == "table" and c.message or tostring(c)
     set.waiters:take()         -- a waiter may try (and see the backoff) rather than wait
     error(c, 0)

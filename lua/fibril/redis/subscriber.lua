@@ -8,10 +8,10 @@ local deliver = require "fibril.pubsub.deliver"
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 local waitq = require "fibril.waitq"
+local backoff = require "fibril.backoff"
 
 local type, error, setmetatable, pcall, tostring, pairs, next =
       type, error, setmetatable, pcall, tostring, pairs, next
-local min, random = math.min, math.random
 local spawn, sleep, set_context, new_error = fcore.spawn, fcore.sleep, fcore.set_context,
       fcore.error
 
@@ -21,7 +21,6 @@ local SubscriberMT = { __index = Subscriber }
 local Subscription = {}
 local SubscriptionMT = { __index = Subscription }
 
-local BACKOFF_MIN, BACKOFF_MAX = 0.05, 5
 
 ---@param url string
 ---@param copts table|nil options for redis.connect
@@ -76,7 +75,7 @@ local function reconnect(self)
       c = err
     end
     failures = failures + 1
-    local delay = min(BACKOFF_MIN * 2 ^ (failures - 1), BACKOFF_MAX) * (0.5 + random() * 0.5)
+    local delay = backoff.delay(failures)
     if failures == 1 or failures % 10 == 0 then
       log.warn("redis subscriber cannot reconnect", { server = self.where, attempts = failures,
                err = tostring(type(c) == "table" and c.message or c) })
