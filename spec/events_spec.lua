@@ -84,6 +84,20 @@ describe("fibril.events", function()
       assert.are.equal(2, #ev.items)
     end)
 
+    it("keeps the payload unchanged when a holder changes a nested table it read", function()
+      local E = events.define(unique(), { "order" })
+      local ev = E{ order = { lines = { { sku = "a", qty = 1 } }, tags = json.array{} } }
+      local lines = ev.order.lines
+      assert.are.equal(lines, ev.order.lines)           -- one copy per holder, kept
+      lines[1].qty = 50
+      lines[2] = { sku = "b" }
+      assert.are.equal(50, ev.order.lines[1].qty)        -- the holder sees its own change
+      assert.are.same({ { sku = "a", qty = 1 } }, events.fields(ev).order.lines)
+      local back = events.decode(events.encode(ev))
+      assert.are.same({ { sku = "a", qty = 1 } }, back.order.lines)
+      assert.are.equal("[]", json.encode(back.order.tags))
+    end)
+
     it("rejects bad definitions with the reason", function()
       assert.has_error(function() events.define("bad name", {}) end)
       assert.has_error(function() events.define(unique(), { "a", "a" }) end)
@@ -125,6 +139,34 @@ describe("fibril.events", function()
       function B:call(ev) seen[#seen + 1] = "B" .. ev.id .. tostring(self.mark) end
       assert.are.equal(2, events.publish(E{ id = 7 }))
       assert.are.same({ "A7", "B7nil" }, seen)
+    end)
+
+    it("gives each subscriber and filter nested tables of its own: one's changes never reach the next", function()
+      local E = events.define(unique(), { "id", "items" })
+      local seen = {}
+      local F = Subscriber:extend("Filter")
+      F:subscribe_to(E, { ["if"] = function(ev) ev.items[1] = "filter"; return true end })
+      function F.call(_, ev) seen[#seen + 1] = ev.items[1]; ev.items[1] = "F"; ev.items[3] = "x" end
+      local G = Subscriber:extend("G")
+      G:subscribe_to(E)
+      function G.call(_, ev) seen[#seen + 1] = ev.items[1] .. #ev.items .. ev.id; table.remove(ev.items) end
+      local ev = E{ id = 3, items = { "a", "b" } }
+      assert.are.equal(2, events.publish(ev))
+      assert.are.same({ "a", "a23" }, seen)
+      assert.are.same({ "a", "b" }, ev.items)
+      assert.are.equal(2, events.publish(ev))            -- the same event again: same payload
+      assert.are.same({ "a", "a23", "a", "a23" }, seen)
+    end)
+
+    it("passes a flat event itself to its subscribers", function()
+      local E = events.define(unique(), { "id" })
+      local got
+      local S = Subscriber:extend("Same")
+      S:subscribe_to(E)
+      function S.call(_, ev) got = ev end
+      local ev = E{ id = 1 }
+      events.publish(ev)
+      assert.are.equal(ev, got)
     end)
 
     it("logs a failing subscriber with the event and goes on with the others", function()

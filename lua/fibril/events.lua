@@ -48,9 +48,11 @@ end
 local function is_finite(n) return n == n and n > -huge and n < huge end
 
 -- Returns a copy of v, checked to hold JSON values only; path names the field in errors.
--- The top level of an event is read-only (a proxy); nested tables are the event's own deep
--- copies, left plain so that #, ipairs and pairs work on them (LuaJIT ignores __len and
--- __pairs on tables): nothing the publisher does after publish reaches them.
+-- The copy is the event's payload, which nothing outside this file ever holds: the top level
+-- of an event is a read-only proxy, and a nested table is copied again for each holder (the
+-- event object, each subscriber's view) the first time it reads it (view_of, below). Nested
+-- tables stay plain so that #, ipairs and pairs work on them (LuaJIT ignores __len and
+-- __pairs on tables, so a read-only proxy would silently read as empty).
 local function copy_value(v, where, path, depth)
   local t = type(v)
   if t == "string" or t == "boolean" or v == json.null then return v end
@@ -75,11 +77,27 @@ local function copy_value(v, where, path, depth)
   return copy
 end
 
+-- A plain deep copy of a payload value; JSON arrays stay marked as arrays.
 local function thaw(v)
   if type(v) ~= "table" then return v end
   local out = {}
   for k, x in pairs(v) do out[k] = thaw(x) end
+  if getmetatable(v) == json.array_mt then setmetatable(out, json.array_mt) end
   return out
+end
+
+-- A holder's face of a payload with nested tables: top-level reads of scalars go straight to
+-- data; a nested table is thawed on its first read and that copy kept for this holder, so
+-- `ev.items == ev.items` and a holder's changes stay its own (the payload never changes).
+local function private_index(data)
+  local mine = {}
+  return function(_, k)
+    local v = mine[k]
+    if v ~= nil then return v end
+    v = data[k]
+    if type(v) == "table" then v = thaw(v); mine[k] = v end
+    return v
+  end
 end
 
 -- ---- classes ----------------------------------------------------------------------------
@@ -100,13 +118,30 @@ local function build(class, fields, id)
     end
     data[k] = copy_value(v, name, k, 1)
   end
+  local nested = false
   for _, f in ipairs(class.required) do
     if data[f] == nil then error(format("%s: missing required field '%s'", name, f), 3) end
   end
-  return setmetatable({}, { __index = data, __newindex = frozen, __metatable = "event",
-                            __raw = data, [CLASS] = class, id = id,
+  for _, v in pairs(data) do
+    if type(v) == "table" then nested = true break end
+  end
+  return setmetatable({}, { __index = nested and private_index(data) or data,
+                            __newindex = frozen, __metatable = "event",
+                            __raw = data, [CLASS] = class, id = id, nested = nested,
                             __pairs = function() return next, data, nil end,
                             __tostring = function() return name .. " " .. id end })
+end
+
+-- What a subscriber (or its `if` filter) receives: the event itself when its fields are all
+-- scalars (nothing to protect), else a view of its own over the same payload, so nested
+-- tables one subscriber changes are not what the next one reads.
+local function view_of(ev)
+  local mt = getmt(ev)
+  if not mt.nested then return ev end
+  local vmt = {}
+  for k, v in pairs(mt) do vmt[k] = v end
+  vmt.__index = private_index(mt.__raw)
+  return setmetatable({}, vmt)
 end
 
 Class.__call = function(class, fields) return build(class, fields) end
@@ -330,7 +365,7 @@ local unit = executor.call_nested
 -- Runs an inline subscriber as a unit of its own; returns ok, err.
 local function deliver_inline(s, ev, name)
   local sub_name = s.subscriber.name
-  local ok, err = unit(call_subscriber, { subscriber = sub_name }, s, ev)
+  local ok, err = unit(call_subscriber, { subscriber = sub_name }, s, view_of(ev))
   if not ok then
     log.error("subscriber failed", { event = name, event_id = getmt(ev).id, subscriber = sub_name,
                                      err = tostring(err) })
@@ -341,7 +376,7 @@ end
 local function passes(s, ev, name)
   local cond = s.opts["if"]
   if not cond then return true end
-  local ok, r = pcall(cond, ev)
+  local ok, r = pcall(cond, view_of(ev))
   if not ok then
     log.error("subscriber filter failed", { event = name, subscriber = s.subscriber.name, err = tostring(r) })
     return false, r

@@ -140,19 +140,72 @@ end
 -- cjson alone, for the spec that checks the fast path gives the same bytes.
 M._encode_cjson = encode_cjson
 
---- Decodes a JSON text; raises "json: ..." with cjson's position.
+-- Decoding: cjson 2.1.0 decodes [] as a plain {} (which would encode back as {}). A text with
+-- an empty array gets each `[]` outside strings swapped for the placeholder string first, and
+-- the decoded placeholders become json.array{} (a text spelling the placeholder itself gets
+-- an empty array, which it could have sent as []). Texts without `[]` pay one find.
+local find, sub, byte, concat = string.find, string.sub, string.byte, table.concat
+local ENCODED_PLACEHOLDER_TEXT = '"\\u0000fibril:empty-array\\u0000"'
+
+local function mark_empty_arrays_in(text)
+  if not find(text, "%[[ \t\r\n]*%]") then return text, false end
+  local out, n, last, pos = {}, 0, 1, 1
+  while true do
+    local i = find(text, '["%[]', pos)
+    if not i then break end
+    if byte(text, i) == 34 then             -- a string: skip to its closing quote
+      local j = i + 1
+      while true do
+        local q = find(text, '["\\]', j)
+        if not q then return text, false end  -- unterminated: cjson reports it
+        if byte(text, q) == 92 then j = q + 2 else pos = q + 1 break end
+      end
+    else
+      local _, e = find(text, "^%[[ \t\r\n]*%]", i)
+      if e then
+        out[n + 1], out[n + 2] = sub(text, last, i - 1), ENCODED_PLACEHOLDER_TEXT
+        n, last = n + 2, e + 1
+      end
+      pos = (e or i) + 1
+    end
+  end
+  if n == 0 then return text, false end
+  out[n + 1] = sub(text, last)
+  return concat(out), true
+end
+
+local function restore_empty_arrays(v)
+  if v == PLACEHOLDER then return setmetatable({}, array_mt) end
+  if type(v) == "table" then
+    for k, x in pairs(v) do
+      if x == PLACEHOLDER or type(x) == "table" then v[k] = restore_empty_arrays(x) end
+    end
+  end
+  return v
+end
+
+local function decode(text)
+  local t, marked = mark_empty_arrays_in(text)
+  local ok, v = pcall(decoder.decode, t)
+  if ok and marked then v = restore_empty_arrays(v) end
+  return ok, v
+end
+
+--- Decodes a JSON text; raises "json: ..." with cjson's position. An empty array decodes as
+--- a table marked with json.array, so it encodes back as [].
 ---@param text string
 ---@return any
 function M.decode(text)
   if type(text) ~= "string" then error("json: decode expects a string, got " .. type(text), 2) end
-  local ok, v = pcall(decoder.decode, text)
+  local ok, v = decode(text)
   if not ok then error("json: cannot decode: " .. tostring(v):gsub("^.-: ", ""), 2) end
   return v
 end
 
 --- Like decode, but returns nil and the message instead of raising (for request bodies).
 function M.try_decode(text)
-  local ok, v = pcall(decoder.decode, text)
+  if type(text) ~= "string" then return nil, "json: decode expects a string, got " .. type(text) end
+  local ok, v = decode(text)
   if ok then return v end
   return nil, "json: " .. tostring(v)
 end
