@@ -154,6 +154,68 @@ describe("fibril.deferred (postgres)", function()
     assert.are.equal(2, row.pids)                  -- both took a share
   end)
 
+  it("renews the lease of a task running past it: another process's claims never get it", function()
+    local E = events.define(unique(), { "k" })
+    local runs, finished = 0, false
+    local S = Subscriber:extend("PgLong")
+    S:subscribe_to(E, { deferred = true })
+    function S.call() runs = runs + 1; fibril.sleep(2); finished = true end
+    deferred.start{ backend = "postgres", table = tbl, concurrency = 1, poll_interval = 0.05,
+                    lease = 0.6 }
+    events.publish(E{ k = 1 })
+    eventually(function() return runs == 1 end, 10, "the task to start")
+    -- Another claimer of the table (slot 2: an owner of its own), trying all along.
+    local other = require("fibril.deferred.postgres").open{ table = tbl, slot = 2, lease = 0.6 }
+    local stolen = 0
+    while not finished do
+      stolen = stolen + other:_claim(10)
+      fibril.sleep(0.1)
+    end
+    other:close()
+    assert.are.equal(0, stolen)
+    assert.are.equal(1, runs)
+    assert.is_true(deferred.runner().store.stats.renewals >= 2)
+  end)
+
+  it("claims again a task whose claimer stopped renewing, once its lease has run out", function()
+    local Task = require "fibril.task"
+    local name = "PgOrphan" .. math.random(1e6)
+    local T = Task:extend(name)
+    local ran_at
+    function T.perform() ran_at = fibril.now() end
+    local store = require("fibril.deferred.postgres").open{ table = tbl, slot = 2, lease = 0.8 }
+    store:add({ { id = "orphan-1", kind = "task", task = name, args = {}, attempt = 0 } })
+    assert.are.equal(1, store:_claim(10))
+    fibril.cancel(store.renewer)                    -- the claimer "dies": no more renewals
+    local claimed_at = fibril.now()
+    deferred.start{ backend = "postgres", table = tbl, concurrency = 1, poll_interval = 0.05 }
+    eventually(function() return ran_at ~= nil end, 10, "the orphaned task")
+    assert.is_true(ran_at - claimed_at >= 0.7, "ran before the lease ran out")
+    store.queue, store.claimed = {}, {}
+    store:close()
+  end)
+
+  it("makes an enqueue wait while the table is over max_pending, then raise a clear error", function()
+    local Task = require "fibril.task"
+    local T = Task:extend("PgBacklog" .. math.random(1e6))
+    function T.perform() end
+    deferred.start{ backend = "postgres", table = tbl, concurrency = 1, poll_interval = 0.05,
+                    max_pending = 2, enqueue_timeout = 0.4 }
+    T:enqueue({}, { delay = 60 })
+    T:enqueue({}, { delay = 60 })
+    local t0 = fibril.now()
+    local ok, err = pcall(T.enqueue, T, {}, { delay = 60 })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("2 tasks pending in table " .. tbl
+                                     .. " (deferred.max_pending = 2): enqueue gave up after 0.4s", 1, true), err)
+    assert.is_true(fibril.now() - t0 >= 0.35)
+    assert.are.equal(2, pg:query("select count(*)::int as c from " .. tbl)[1].c)
+    -- Room made while an enqueue waits lets it through.
+    fibril.schedule(function() fibril.sleep(0.1); pg:exec("delete from " .. tbl) end)
+    T:enqueue({}, { delay = 60 })
+    assert.are.equal(1, pg:query("select count(*)::int as c from " .. tbl)[1].c)
+  end)
+
   it("leaves no connection, poll handle or operation behind (the default pool closed)", function()
     local core = require "fibril.core.pg"
     local function live() local c, r = core.live() return c .. "/" .. r end

@@ -149,17 +149,18 @@ function M.run(app)
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
   require("fibril.pg").configure(app.config.database)   -- connects on first use only
+  -- Deferred tasks: each process runs the tasks of its own journal, journal-<worker>.log
+  -- (docs/deferred.md: why no task runs twice with --workers N). The journal is replayed
+  -- (read at once) before the port opens, so no connection waits on a loop busy replaying.
+  local worker = tonumber(os_getenv("FIBRIL_WORKER") or "")
+  local deferred = require "fibril.deferred"
+  deferred.boot(app, worker or 1, tonumber(os_getenv("FIBRIL_WORKERS") or "") or 1)
   local server = M.listen(app)
   app.port = server:port()                  -- the bound port (config may say 0), for daemons
   local reloading = app.config.reload and app.env ~= "production"
                     and require("fibril.reloader").start(app)
   -- Daemons: docs/daemons.md (node-scoped ones run in worker 1 or the single process).
-  local worker = tonumber(os_getenv("FIBRIL_WORKER") or "")
   local daemons = require("fibril.daemon").start(app, { worker = worker })
-  -- Deferred tasks: each process runs the tasks of its own journal, journal-<worker>.log
-  -- (docs/deferred.md: why no task runs twice with --workers N).
-  local deferred = require "fibril.deferred"
-  deferred.boot(app, worker or 1, tonumber(os_getenv("FIBRIL_WORKERS") or "") or 1)
   log("info", "listening", { url = format("http://%s:%d", app.config.host, server:port()),
                              env = app.env, pid = os_getenv("FIBRIL_WORKER") or "main",
                              reload = reloading and "on" or "off" })

@@ -8,13 +8,15 @@ local cond = require "fibril.cond"
 local json = require "fibril.json"
 local log = require "fibril.log"
 
-local type, error, ipairs, tostring, tonumber, pcall, setmetatable, format, find, remove, min =
-      type, error, ipairs, tostring, tonumber, pcall, setmetatable, string.format, string.find,
+local type, error, ipairs, pairs, tostring, tonumber, pcall, setmetatable, format, find, remove, min =
+      type, error, ipairs, pairs, tostring, tonumber, pcall, setmetatable, string.format, string.find,
       table.remove, math.min
 
 local M = {}
 
-M.LEASE = 300        -- seconds a claim lasts: a task still running past it may be claimed again
+M.LEASE = 300        -- seconds a claim lasts unless renewed (deferred.lease): a live process
+                     -- renews its claims every lease/3, a dead one's run out and are claimed again
+M.BACKLOG_SAMPLE = 0.5   -- seconds an enqueue trusts the table's sampled pending count
 M.CHANNEL = "fibril_deferred"
 
 local function pg_module() return require "fibril.pg" end
@@ -55,7 +57,8 @@ local Store = {}
 Store.__index = Store
 
 --- Opens the backend: the table (created if missing), a listener for new-task notifications.
----@param cfg table { table =, poll_interval =, concurrency =, url = (else the app's database) }
+---@param cfg table { table =, poll_interval =, concurrency =, lease =, max_pending =,
+---   enqueue_timeout =, url = (else the app's database) }
 function M.open(cfg)
   local db = pool_of(cfg)
   local t = check_table(cfg.table or "fibril_deferred")
@@ -63,12 +66,69 @@ function M.open(cfg)
   local self = setmetatable({
     db = db, table = t, poll = cfg.poll_interval or 1, batch = cfg.concurrency or 16,
     owner = format("%s:%d", require("fibril.core.process").pid(), cfg.slot or 1),
-    queue = {}, claimed = {}, count = 0, ready = cond.new(), stats = { claims = 0, inserts = 0 },
-    channel = M.CHANNEL .. "_" .. t,
+    queue = {}, claimed = {}, count = 0, ready = cond.new(),
+    stats = { claims = 0, inserts = 0, renewals = 0 },
+    channel = M.CHANNEL .. "_" .. t, lease = cfg.lease or M.LEASE,
+    max_pending = cfg.max_pending or 100000, enqueue_timeout = cfg.enqueue_timeout or 5,
   }, Store)
   local ok, sub = pcall(db.listen, db, self.channel, function() self.ready:broadcast() end)
   if ok then self.sub = sub else log.warn("deferred: no LISTEN, polling only", { err = tostring(sub) }) end
+  self.renewer = fibril.schedule(self._renew_loop, self)
   return self
+end
+
+-- Every lease/3 seconds, extends the lease of every task this process holds (queued or
+-- running), so a task that runs longer than the lease is not claimed by another process;
+-- `locked_by` keeps it from taking back a claim that already ran out and moved on.
+function Store:_renew_loop()
+  while not self.closed do
+    if not pcall(fibril.sleep, self.lease / 3) or self.closed then return end
+    local ids = {}
+    for id in pairs(self.claimed) do ids[#ids + 1] = id end
+    if #ids > 0 then
+      local ok, err = pcall(self.db.exec, self.db, format(
+        "update %s set locked_until = now() + make_interval(secs => $1) "
+        .. "where locked_by = $2 and id = any($3)", self.table), self.lease, self.owner, ids)
+      if ok then
+        self.stats.renewals = self.stats.renewals + 1
+      elseif fibril.is_error(err, "cancelled") then
+        return
+      else
+        log.error("deferred: renewing task leases failed", { err = tostring(err), tasks = #ids })
+      end
+    end
+  end
+end
+
+-- The table's pending tasks (every process's), sampled at most every BACKLOG_SAMPLE seconds.
+function Store:_backlog(fresh)
+  local now = fibril.now()
+  if fresh or not self.backlog_at or now - self.backlog_at > M.BACKLOG_SAMPLE then
+    local rows = self.db:query(format("select count(*)::int as n from %s where status = 'pending'",
+                                      self.table))
+    self.backlog, self.backlog_at = rows[1].n, now
+  end
+  return self.backlog
+end
+
+-- Backpressure: while the table holds more than max_pending pending tasks (a backlog no
+-- runner keeps up with), an enqueue waits, looking again every 0.2 s, for up to
+-- enqueue_timeout seconds, then raises instead of letting the table grow without bound.
+function Store:_wait_for_room(n)
+  if self:_backlog() + n <= self.max_pending then
+    self.backlog = self.backlog + n
+    return
+  end
+  local deadline = fibril.now() + self.enqueue_timeout
+  while fibril.now() < deadline do
+    fibril.sleep(min(0.2, deadline - fibril.now()))
+    if self:_backlog(true) + n <= self.max_pending then
+      self.backlog = self.backlog + n
+      return
+    end
+  end
+  error(format("deferred: %d tasks pending in table %s (deferred.max_pending = %d): enqueue gave up after %gs",
+               self.backlog, self.table, self.max_pending, self.enqueue_timeout), 0)
 end
 
 local function insert_all(self, q, tasks)
@@ -86,6 +146,7 @@ end
 --- Inserts tasks: in tx when given (part of the caller's transaction), else in a
 --- transaction of their own, returning after its commit.
 function Store:add(tasks, tx)
+  self:_wait_for_room(#tasks)
   if tx then return insert_all(self, tx, tasks) end
   self.db:transaction(function(t) insert_all(self, t, tasks) end)
 end
@@ -98,7 +159,7 @@ function Store:_claim(n)
                  and (locked_until is null or locked_until < now())
                  order by run_at limit $3 for update skip locked)
     returning id, payload, attempt]], self.table, self.table)
-  local rows = self.db:query(sql, M.LEASE, self.owner, n)
+  local rows = self.db:query(sql, self.lease, self.owner, n)
   self.stats.claims = self.stats.claims + 1
   for _, row in ipairs(rows) do
     local t = row.payload
@@ -191,6 +252,7 @@ function Store:close()
   if self.closed then return end
   self.closed = true
   self.ready:broadcast()
+  if self.renewer then fibril.cancel(self.renewer) end
   if self.sub then pcall(self.sub.unlisten, self.sub) end
   local ids = {}
   for _, t in ipairs(self.queue) do ids[#ids + 1] = t.id end
