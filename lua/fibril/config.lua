@@ -118,7 +118,7 @@ local SCHEMA = {
   ["deferred.enqueue_timeout"] = { "number", 5,          seconds },   -- wait past max_pending
   ["deferred.poll_interval"] = { "number",  1,           seconds },   -- postgres: idle poll
   ["deferred.table"]         = { "string",  "fibril_deferred", non_empty },  -- postgres queue table
-  ["deferred.lease"]         = { "number",  300,         seconds },   -- postgres: a claim, renewed every lease/3
+  ["deferred.lease"]         = { "number",  300,         seconds },   -- postgres: a claim (renewed at 1/3)
   ["deferred.schedule"]      = { "table",   nil,         schedule },  -- { { every = s, task = "Name" } }
 }
 

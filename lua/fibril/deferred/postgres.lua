@@ -127,8 +127,9 @@ function Store:_wait_for_room(n)
       return
     end
   end
-  error(format("deferred: %d tasks pending in table %s (deferred.max_pending = %d): enqueue gave up after %gs",
-               self.backlog, self.table, self.max_pending, self.enqueue_timeout), 0)
+  error(format("deferred: %d tasks pending in table %s (deferred.max_pending = %d): "
+               .. "enqueue gave up after %gs", self.backlog, self.table, self.max_pending,
+               self.enqueue_timeout), 0)
 end
 
 local function insert_all(self, q, tasks)
