@@ -216,6 +216,24 @@ describe("fibril.deferred (postgres)", function()
     assert.are.equal(1, pg:query("select count(*)::int as c from " .. tbl)[1].c)
   end)
 
+  it("lists pending tasks for the CLI, due first, with the process that claimed one", function()
+    local admin = require "fibril.deferred.admin"
+    local store = require("fibril.deferred.postgres").open{ table = tbl, slot = 3, lease = 30 }
+    local later = os.time() + 3600
+    store:add({ { id = "p-later", kind = "task", task = "Later", args = {}, attempt = 0, run_at = later },
+                { id = "p-now", kind = "task", task = "Now", args = {}, attempt = 0 } })
+    assert.are.equal(1, store:_claim(10))                -- p-now: due, so claimed
+    local list = require("fibril.deferred.postgres").pending_tasks({ deferred = { table = tbl } })
+    assert.are.same({ "p-now", "p-later" }, { list[1].id, list[2].id })
+    assert.are.equal(store.owner, list[1].claimed_by)
+    assert.is_nil(list[2].claimed_by)
+    local text = admin.format_pending(list)
+    assert.truthy(text:find("\np%-now\t0\tNow\tnow\tclaimed by " .. store.owner:gsub("%p", "%%%0") .. "\t"), text)
+    local stamp = os.date("!%Y-%m-%dT%H:%M:%SZ", later)
+    assert.truthy(text:find("\np-later\t0\tLater\t" .. stamp .. "\tqueued\t", 1, true), text)
+    store:close()
+  end)
+
   it("leaves no connection, poll handle or operation behind (the default pool closed)", function()
     local core = require "fibril.core.pg"
     local function live() local c, r = core.live() return c .. "/" .. r end

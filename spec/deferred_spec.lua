@@ -385,6 +385,28 @@ describe("fibril.deferred", function()
       for i = 1, 40 do assert.are.equal(1, count_lines(text, "^sale " .. i .. " "), "order " .. i) end
     end)
 
+    it("lists pending tasks with fibril deferred APP pending, from the journal on disk", function()
+      local base = fresh_dir()
+      local env = { RESULT_FILE = base .. "/result", DEFERRED_DIR = base .. "/deferred", HOLD_SALES = "1" }
+      local prefix = ("DEFERRED_DIR='%s' RESULT_FILE='%s' "):format(env.DEFERRED_DIR, env.RESULT_FILE)
+      local s = support.start_app(app, "--env test", env)
+      for i = 1, 3 do support.curl("-X POST http://127.0.0.1:" .. s.port .. "/orders/" .. i) end
+      local status, out = support.run_env(prefix, "deferred " .. app .. " pending")   -- server running
+      s.stop("KILL")
+      assert.is_true(s.wait_exit(5))
+      assert.are.equal(0, status)
+      local rows = 0
+      for line in out:gmatch("[^\n]+") do
+        if line:find("\tRecordSale\tnow\tjournal 1\t", 1, true) then rows = rows + 1 end
+      end
+      assert.are.equal(3, rows, out)
+      assert.truthy(out:find("^ID\tRUNS\tSUBSCRIBER/TASK\tRUN AT\tWHERE\tLAST ERROR\n"), out)
+      -- Nothing on disk: no journal, nothing pending.
+      status, out = support.run_env(("DEFERRED_DIR='%s/none' "):format(base), "deferred " .. app .. " pending")
+      assert.are.equal(0, status)
+      assert.are.equal("no pending tasks\n", out)
+    end)
+
     it("lists dead tasks with fibril deferred APP, and retries them", function()
       local base = fresh_dir()
       local env = { RESULT_FILE = base .. "/result", DEFERRED_DIR = base .. "/deferred", FLAKY_FAILS = "10" }

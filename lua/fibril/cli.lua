@@ -106,6 +106,7 @@ end
 local function deferred_command(app, sub, ids)
   local admin = require "fibril.deferred.admin"
   if sub == "list" then return admin.format_list(admin.dead(app)) end
+  if sub == "pending" then return admin.format_pending(admin.pending(app)) end
   if sub == "retry" then
     if #ids == 0 then return nil, "deferred retry: which task? (fibril deferred APP retry ID...)", 2 end
     local found = {}
@@ -116,16 +117,17 @@ local function deferred_command(app, sub, ids)
     return format("queued again: %d task(s)\n", #ids)
   end
   if sub == "retry-all" then return format("queued again: %d task(s)\n", #admin.retry(app, nil)) end
-  return nil, format("deferred: unknown subcommand '%s' (list, retry ID, retry-all)", sub), 2
+  return nil, format("deferred: unknown subcommand '%s' (list, pending, retry ID, retry-all)", sub), 2
 end
 
---- fibril deferred APP [list|retry ID...|retry-all]: the dead deferred tasks of the app
+--- fibril deferred APP [list|pending|retry ID...|retry-all]: the dead (or pending) deferred
+--- tasks of the app
 --- (journal backend: APP/storage/deferred/dead.log; postgres: the queue table), and queuing
 --- them again (a running server picks them up within a second; else the next boot does).
 function M.deferred(args)
   local app_dir, sub = args[1], args[2] or "list"
   if not app_dir or app_dir:sub(1, 2) == "--" then
-    die("deferred: which app? (fibril deferred APP [list|retry ID|retry-all])", 2)
+    die("deferred: which app? (fibril deferred APP [list|pending|retry ID|retry-all])", 2)
   end
   local app = load_app(app_dir, os.getenv("FIBRIL_ENV") or "development")
   local ok, text, msg, status = pcall(deferred_command, app, sub, { unpack(args, 3) })

@@ -475,6 +475,38 @@ function M.dead_tasks(dir)
   return list
 end
 
+--- The pending tasks in dir (the CLI; read-only, so a running server is not disturbed): the
+--- live tasks of every journal-<slot>.log after replay, and the retries waiting in inbox/.
+--- Each task gets slot (its journal's, or "inbox"); sorted by run_at, then id.
+function M.pending_tasks(dir)
+  local list = {}
+  for _, e in ipairs(fs.list(dir) or {}) do
+    local slot = match(e.name, "^journal%-(%d+)%.log$")
+    if slot then
+      for _, t in pairs((M.replay(M.decode_records(read_file(dir .. "/" .. e.name) or "")))) do
+        t.slot = tonumber(slot)
+        list[#list + 1] = t
+      end
+    end
+  end
+  for _, e in ipairs(fs.list(dir .. "/inbox") or {}) do
+    if sub(e.name, -5) == ".json" then
+      for _, r in ipairs(M.decode_records(read_file(dir .. "/inbox/" .. e.name) or "")) do
+        if r.op == "add" and type(r.task) == "table" and type(r.task.id) == "string" then
+          r.task.slot = "inbox"
+          list[#list + 1] = r.task
+        end
+      end
+    end
+  end
+  sort(list, function(a, b)
+    local ra, rb = tonumber(a.run_at) or 0, tonumber(b.run_at) or 0
+    if ra ~= rb then return ra < rb end
+    return tostring(a.id) < tostring(b.id)
+  end)
+  return list
+end
+
 --- Queues dead tasks again (the CLI): each goes to inbox/ (picked up by the running server,
 --- or at the next boot) with its attempts reset, and dead.log records it as retried.
 ---@param ids table|nil the task ids; nil: every dead task

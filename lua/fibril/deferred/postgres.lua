@@ -287,6 +287,26 @@ function M.dead_tasks(config)
   return list
 end
 
+--- The pending tasks, due first; a claimed one has claimed_by and claimed_until (epoch s).
+function M.pending_tasks(config)
+  local pg, t = cli_store(config)
+  local rows = pg:query(format("select payload, attempt, error, extract(epoch from run_at) as run_at, "
+                               .. "locked_by, extract(epoch from locked_until) as locked_until "
+                               .. "from %s where status = 'pending' order by run_at, id", t))
+  local list, now = {}, require("fibril.core.fiber").walltime()
+  local function value(v) if type(v) ~= "userdata" then return v end end   -- SQL NULL: nil
+  for i, row in ipairs(rows) do
+    local task = type(row.payload) == "string" and json.decode(row.payload) or row.payload
+    task.attempt, task.error, task.run_at = row.attempt, value(row.error), tonumber(row.run_at)
+    local until_ = value(row.locked_until) and tonumber(row.locked_until)
+    if until_ and until_ > now and value(row.locked_by) then
+      task.claimed_by, task.claimed_until = row.locked_by, until_
+    end
+    list[i] = task
+  end
+  return list
+end
+
 --- Sets dead tasks (ids, or all) pending again with attempts from zero; returns their ids.
 function M.retry_dead(config, ids)
   local pg, t = cli_store(config)
