@@ -53,7 +53,7 @@ local DESIGN_DEFAULTS = {
                retries = 20, fsync = "always",
                -- docs/deferred.md
                fsync_interval = 0.1, backoff_min = 1, backoff_max = 600, max_pending = 100000,
-               enqueue_timeout = 5, poll_interval = 1, table = "fibril_deferred", schedule = nil },
+               enqueue_timeout = 5, poll_interval = 1, table = "fibril_deferred", lease = 300, schedule = nil },
   daemons = { backoff_min = 0.1, backoff_max = 30, reset_after = 60 },   -- docs/daemons.md
 }
 

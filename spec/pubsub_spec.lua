@@ -64,6 +64,55 @@ describe("fibril.pubsub", function()
     end)
   end)
 
+  describe("the workers' relay", function()
+    local relay = require "fibril.pubsub.relay"
+
+    it("refuses a connection without the master's token, and relays for links that have it", function()
+      local lines = {}
+      require("fibril.log").output(function(line) lines[#lines + 1] = line end)
+      local server, port, token = relay.serve_master()
+      assert.matches("^%x+$", token)
+      assert.are.equal(64, #token)
+      assert.are_not.equal(token, select(3, relay.serve_master()))   -- one per master
+      local got2, got3 = {}, {}
+      local w2 = relay.link(port, 2, function(ch, _, m) got2[#got2 + 1] = ch .. "=" .. m end, token)
+      local w3 = relay.link(port, 3, function(ch, _, m) got3[#got3 + 1] = ch .. "=" .. m end, token)
+      assert.is_true(w2:wait_ready(5))
+      assert.is_true(w3:wait_ready(5))
+      -- A local process that found the port: no token, then a wrong one of the right length.
+      local body = relay.encode("room", "x-1", "forged")
+      local forged = "POST /publish?worker=9 HTTP/1.1\r\nHost: relay\r\nContent-Length: " .. #body
+                     .. "\r\n%s\r\n" .. body
+      local res = support.raw(port, forged:format(""))
+      assert.are.equal(403, res.status)
+      res = support.raw(port, forged:format("X-Relay-Token: " .. ("0"):rep(64) .. "\r\n"))
+      assert.are.equal(403, res.status)
+      res = support.raw(port, "GET /relay?worker=9 HTTP/1.1\r\nHost: relay\r\n\r\n")
+      assert.are.equal(403, res.status)                      -- nor read what workers publish
+      w2:send("room", "2-1", "hello")
+      assert.is_true(eventually(function() return #got3 == 1 end))
+      fibril.sleep(0.05)
+      assert.are.same({ "room=hello" }, got3)                 -- the forged ones never arrived
+      assert.are.same({}, got2)                               -- nor its own message
+      local refused = 0
+      for _, l in ipairs(lines) do
+        if l:find("without the relay token", 1, true) then refused = refused + 1 end
+        assert.is_nil(l:find(token, 1, true))                 -- never logged
+      end
+      assert.are.equal(3, refused)
+      require("fibril.log").output(nil)
+      w2:close(); w3:close(); server:close()
+      assert.has_error(function() relay.link(port, 4, function() end, "not hex!") end)
+    end)
+
+    it("compares tokens whatever their content, refusing any other length", function()
+      assert.is_true(relay.same_token("ab01", "ab01"))
+      assert.is_false(relay.same_token("ab02", "ab01"))
+      assert.is_false(relay.same_token("ab0", "ab01"))
+      assert.is_false(relay.same_token(nil, "ab01"))
+    end)
+  end)
+
   describe("redis adapter", function()
     local url
     setup(function() url = os.getenv("REDIS_URL") or support.redis_server().url end)

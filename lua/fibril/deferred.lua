@@ -86,9 +86,9 @@ local function execute(r, t)
   local fields = { task = t.id, [t.kind == "event" and "subscriber" or "task_class"] = key_of(t),
                    attempt = t.attempt, err = tostring(err) }
   if t.attempt > retries then
-    r.stats.dead = r.stats.dead + 1
     log.error("deferred task failed for the last time: dead letter", fields)
     store:dead(t, short(err))
+    r.stats.dead = r.stats.dead + 1       -- counted once the dead letter is written
   else
     local wait = M.backoff(t.attempt, t.backoff or r.backoff)
     fields.delay = format("%.3f", wait)

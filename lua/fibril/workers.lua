@@ -58,7 +58,8 @@ local function spawn_worker(m, slot)
                         env = { FIBRIL_WORKER = tostring(slot.i),
                                 FIBRIL_WORKERS = tostring(#m.slots),   -- deferred: orphan journals
                                 FIBRIL_MASTER_PID = tostring(m.pid),
-                                FIBRIL_RELAY_PORT = m.relay_port and tostring(m.relay_port) } }
+                                FIBRIL_RELAY_PORT = m.relay_port and tostring(m.relay_port),
+                                FIBRIL_RELAY_TOKEN = m.relay_token } }
 end
 
 -- One fiber per worker slot: run it, wait for it, restart it with backoff until stopping.
@@ -161,7 +162,7 @@ function M.run(app)
   -- The local pub/sub adapter reaches every worker through the master (pubsub/relay.lua).
   local relay_server
   if (cfg.pubsub and cfg.pubsub.adapter or "local") == "local" then
-    relay_server, m.relay_port = require("fibril.pubsub.relay").serve_master()
+    relay_server, m.relay_port, m.relay_token = require("fibril.pubsub.relay").serve_master()
   end
   local supervisors = {}
   for i = 1, cfg.workers do

@@ -4,13 +4,17 @@
 --- `POST /publish?worker=I`; the master writes each message to every other worker's stream.
 --- A worker delivers its own messages locally at once, as the single process does.
 --- Messages are framed as one chunk each: "<#channel>:<channel><#id>:<id><message>".
+--- Every request carries X-Relay-Token, a secret the master draws at start and gives its
+--- workers (FIBRIL_RELAY_TOKEN): any local process can reach a loopback port, so the port
+--- alone must not let it publish to, or read, every worker's channels.
 local fcore = require "fibril.core.fiber"
 local log = require "fibril.log"
 local backoff = require "fibril.backoff"
 
-local tostring, tonumber, pcall, type, pairs, setmetatable, assert =
-      tostring, tonumber, pcall, type, pairs, setmetatable, assert
-local sub, find, format = string.sub, string.find, string.format
+local tostring, tonumber, pcall, type, pairs, setmetatable, assert, error, select =
+      tostring, tonumber, pcall, type, pairs, setmetatable, assert, error, select
+local sub, find, format, byte = string.sub, string.find, string.format, string.byte
+local bxor, bor = bit.bxor, bit.bor
 local spawn, sleep, set_context = fcore.spawn, fcore.sleep, fcore.set_context
 
 local M = {}
@@ -37,19 +41,44 @@ function M.decode(s)
   return channel, sub(s, colon2 + 1, colon2 + m), sub(s, colon2 + m + 1)
 end
 
+-- ---- the token -----------------------------------------------------------------------------
+
+--- A new secret: 32 bytes of /dev/urandom in hex.
+function M.new_token()
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local raw = f:read(32)
+  f:close()
+  if not raw or #raw ~= 32 then error("pubsub relay: cannot read /dev/urandom", 0) end
+  return (raw:gsub(".", function(c) return format("%02x", byte(c)) end))
+end
+
+--- Whether given equals token, in time that depends on the length only (not on where the
+--- first differing byte is): a wrong guess teaches nothing about the right one.
+function M.same_token(given, token)
+  if type(given) ~= "string" or #given ~= #token then return false end
+  local diff = 0
+  for i = 1, #token do diff = bor(diff, bxor(byte(given, i), byte(token, i))) end
+  return diff == 0
+end
+
 -- ---- the master ---------------------------------------------------------------------------
 
---- Starts the relay in the master; returns the server (keep it: dropping it closes it) and
---- its port.
-function M.serve_master()
+--- Starts the relay in the master; returns the server (keep it: dropping it closes it), its
+--- port and the token each request must carry (token: given, or a new one).
+function M.serve_master(token)
   local http = require "fibril.core.http"
+  token = token or M.new_token()
   local streams = {}              -- worker number -> res
   local server = assert(http.listen{
     host = "127.0.0.1", port = 0, access_log = false, max_body_bytes = M.MAX_MESSAGE,
-    keepalive_timeout = 3600, header_timeout = 10, body_timeout = 10,
+    keepalive_timeout = 3600, header_timeout = 10, body_timeout = 10, max_header_bytes = 4096,
     handler = function(req, res)
       local worker = req.target:match("[?&]worker=(%d+)")
-      if req.method == "GET" and req.path == "/relay" and worker then
+      if not M.same_token(req.headers["x-relay-token"], token) then
+        log.warn("pubsub relay: a request without the relay token was refused",
+                 { path = req.path, port = select(2, res:remote()) })
+        res:send(403, { Connection = "close" }, "")
+      elseif req.method == "GET" and req.path == "/relay" and worker then
         local old = streams[worker]
         if old then old:abort() end
         res:start(200, { ["Content-Type"] = "application/octet-stream" })
@@ -71,7 +100,7 @@ function M.serve_master()
       end
     end,
   })
-  return server, server:port()
+  return server, server:port(), token
 end
 
 -- ---- a worker -----------------------------------------------------------------------------
@@ -99,10 +128,15 @@ local function receive_loop(self)
     local _, err = pcall(function()
       local sock = tcp.connect("127.0.0.1", self.port, { timeout = 5 })
       self.rsock = sock
-      sock:write(format("GET /relay?worker=%s HTTP/1.1\r\nHost: relay\r\n\r\n", self.worker))
+      sock:write(format("GET /relay?worker=%s HTTP/1.1\r\nHost: relay\r\nX-Relay-Token: %s\r\n\r\n",
+                        self.worker, self.token))
+      local status = sock:read_line({ timeout = 10 })
       repeat
         local line = sock:read_line({ timeout = 10 })
       until line == "" or line == nil
+      if not status or not find(status, " 200", 1, true) then
+        error("the master answered " .. tostring(status))
+      end
       failures = 0
       self.connected = true
       self.ready:broadcast()
@@ -140,8 +174,8 @@ local function send_loop(self)
     else
       local ok, err = pcall(function()
         if not sock then sock = tcp.connect("127.0.0.1", self.port, { timeout = 5 }) end
-        sock:write(format("POST /publish?worker=%s HTTP/1.1\r\nHost: relay\r\nContent-Length: %d"
-                          .. "\r\n\r\n", self.worker, #body) .. body)
+        sock:write(format("POST /publish?worker=%s HTTP/1.1\r\nHost: relay\r\nX-Relay-Token: %s\r\n"
+                          .. "Content-Length: %d\r\n\r\n", self.worker, self.token, #body) .. body)
         local status = sock:read_line({ timeout = 10 })
         repeat
           local line = sock:read_line({ timeout = 10 })
@@ -166,9 +200,14 @@ local function send_loop(self)
 end
 
 --- Links this worker to the master's relay: deliver(channel, id, message) gets what other
---- workers publish. Returns a link with :send(channel, id, message) and :close().
-function M.link(port, worker, deliver)
-  local self = setmetatable({ port = port, worker = tostring(worker), deliver = deliver,
+--- workers publish. token: the master's (default: FIBRIL_RELAY_TOKEN). Returns a link with
+--- :send(channel, id, message) and :close().
+function M.link(port, worker, deliver, token)
+  token = token or os.getenv("FIBRIL_RELAY_TOKEN")
+  if type(token) ~= "string" or not find(token, "^%x+$") then
+    error("pubsub relay: no relay token (FIBRIL_RELAY_TOKEN, set by the master)", 2)
+  end
+  local self = setmetatable({ port = port, worker = tostring(worker), deliver = deliver, token = token,
                               queue = {}, head = 1, tail = 0, closed = false, connected = false,
                               ready = require("fibril.cond").new() }, LinkMT)
   self.receiver = spawn(receive_loop, self)
