@@ -20,13 +20,7 @@ local function fake_app(daemons, backoff_min)
 end
 
 -- Waits (polling, never a fixed sleep) until cond() is true; fails after seconds.
-local function eventually(cond, seconds, what)
-  local deadline = fibril.now() + (seconds or 5)
-  while not cond() do
-    if fibril.now() > deadline then error("timed out waiting for " .. (what or "a condition"), 2) end
-    fibril.sleep(0.01)
-  end
-end
+local eventually = support.wait_for
 
 -- Live fibers (the runner's own fiber's timer comes and goes, so handles are not compared).
 local function live() return fibril.debug.live().fibers end

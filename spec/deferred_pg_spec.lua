@@ -11,13 +11,7 @@ local support = require "spec.support"
 
 support.service_env("DATABASE_URL")            -- a real PostgreSQL, never skipped
 
-local function eventually(cond, seconds, what)
-  local deadline = fibril.now() + (seconds or 5)
-  while not cond() do
-    if fibril.now() > deadline then error("timed out waiting for " .. (what or "a condition"), 2) end
-    fibril.sleep(0.02)
-  end
-end
+local eventually = support.wait_for
 
 local n = 0
 local function unique(prefix)

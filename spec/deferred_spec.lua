@@ -15,13 +15,7 @@ local ffi = require "ffi"
 
 ffi.cdef [[ uint32_t fb_journal_crc32(uint32_t crc, const void *data, size_t len); ]]
 
-local function eventually(cond, seconds, what)
-  local deadline = fibril.now() + (seconds or 5)
-  while not cond() do
-    if fibril.now() > deadline then error("timed out waiting for " .. (what or "a condition"), 2) end
-    fibril.sleep(0.01)
-  end
-end
+local eventually = support.wait_for
 
 local function read(path)
   local f = io.open(path, "rb")

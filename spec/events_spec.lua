@@ -2,7 +2,6 @@
 -- JSON, reach inline subscribers as units of their own with errors isolated, reach deferred
 -- ones as durable tasks; `fibril events APP` prints the graph. The journal, retries, crashes
 -- and --workers are in spec/deferred_spec.lua.
-local fibril = require "fibril"
 local events = require "fibril.events"
 local Subscriber = require "fibril.subscriber"
 local deferred = require "fibril.deferred"
@@ -17,13 +16,7 @@ local function capture_log()
   return lines
 end
 
-local function eventually(cond, seconds, what)
-  local deadline = fibril.now() + (seconds or 5)
-  while not cond() do
-    if fibril.now() > deadline then error("timed out waiting for " .. (what or "a condition"), 2) end
-    fibril.sleep(0.01)
-  end
-end
+local eventually = support.wait_for
 
 local n = 0
 local function unique(prefix)

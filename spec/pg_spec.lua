@@ -16,15 +16,7 @@ local function live()
 end
 
 -- Waits (polling, no fixed sleep) until fn() is true; returns its last value.
-local function eventually(fn, timeout)
-  local deadline = fibril.now() + (timeout or 5)
-  repeat
-    local v = fn()
-    if v then return v end
-    fibril.sleep(0.02)
-  until fibril.now() > deadline
-  return fn()
-end
+local eventually = support.eventually
 
 local function utf8len(s)
   local _, n = s:gsub("[^\128-\191]", "")

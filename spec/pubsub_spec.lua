@@ -6,11 +6,7 @@ local redis = require "fibril.redis"
 local executor = require "fibril.executor"
 local support = require "spec.support"
 
-local function eventually(cond, limit)
-  local t0 = fibril.now()
-  while not cond() and fibril.now() - t0 < (limit or 5) do fibril.sleep(0.01) end
-  return cond()
-end
+local eventually = support.eventually
 
 describe("fibril.pubsub", function()
   teardown(function()

@@ -14,11 +14,7 @@ local function live()
 end
 
 -- Waits until cond() or 5 s.
-local function eventually(cond)
-  local t0 = fibril.now()
-  while not cond() and fibril.now() - t0 < 5 do fibril.sleep(0.01) end
-  return cond()
-end
+local eventually = support.eventually
 
 local function pubsub_clients(conn)
   local list = conn:call("CLIENT", "LIST", "TYPE", "pubsub")

@@ -9,11 +9,7 @@ local support = require "spec.support"
 
 local CHROMIUM = "/usr/bin/chromium"
 
-local function eventually(cond, limit)
-  local t0 = fibril.now()
-  while not cond() and fibril.now() - t0 < (limit or 15) do fibril.sleep(0.05) end
-  return cond()
-end
+local function eventually(cond, limit) return support.eventually(cond, limit or 15, 0.05) end
 
 describe("SSE in a real browser", function()
   local app, profile

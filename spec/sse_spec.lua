@@ -83,11 +83,7 @@ local function post(port, path, body)
   return support.curl(("-X POST --data-binary %q http://127.0.0.1:%d%s"):format(body, port, path))
 end
 
-local function eventually(cond, limit)
-  local t0 = fibril.now()
-  while not cond() and fibril.now() - t0 < (limit or 5) do fibril.sleep(0.02) end
-  return cond()
-end
+local eventually = support.eventually
 
 describe("fibril.sse", function()
   describe("sse.message", function()

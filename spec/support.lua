@@ -251,6 +251,27 @@ function M.start_app_status(app_dir, args)
   error("app did not start: " .. handle.log())
 end
 
+--- Polls cond every interval seconds (0.01) for up to seconds (5); returns its first truthy
+--- value, or what it returns at the deadline (for assert.is_true(support.eventually(...))).
+function M.eventually(cond, seconds, interval)
+  local fibril = require "fibril"
+  local deadline = fibril.now() + (seconds or 5)
+  repeat
+    local v = cond()
+    if v then return v end
+    fibril.sleep(interval or 0.01)
+  until fibril.now() > deadline
+  return cond()
+end
+
+--- Like eventually, but raises "timed out waiting for WHAT" at the caller's line when cond
+--- is still false at the deadline.
+function M.wait_for(cond, seconds, what)
+  local v = M.eventually(cond, seconds)
+  if not v then error("timed out waiting for " .. (what or "a condition"), 2) end
+  return v
+end
+
 --- Collects garbage and gives close callbacks a few loop turns, until live() (a function
 --- returning a comparable summary of open resources) equals baseline; returns its last value.
 function M.settled(live, baseline)
