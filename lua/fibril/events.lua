@@ -107,7 +107,7 @@ Class.__index = Class
 
 local function build(class, fields, id)
   local name = class.name
-  local data = {}
+  local data, nested = {}, false
   id = id or M.new_id()
   if type(fields) ~= "table" then
     error(format("%s{...}: expected a table of fields, got %s", name, type(fields)), 3)
@@ -116,14 +116,12 @@ local function build(class, fields, id)
     if not class.known[k] then
       error(format("%s: unknown field '%s' (fields: %s)", name, tostring(k), class.field_list), 3)
     end
-    data[k] = copy_value(v, name, k, 1)
+    local c = copy_value(v, name, k, 1)
+    data[k] = c
+    nested = nested or type(c) == "table"
   end
-  local nested = false
   for _, f in ipairs(class.required) do
     if data[f] == nil then error(format("%s: missing required field '%s'", name, f), 3) end
-  end
-  for _, v in pairs(data) do
-    if type(v) == "table" then nested = true break end
   end
   return setmetatable({}, { __index = nested and private_index(data) or data,
                             __newindex = frozen, __metatable = "event",

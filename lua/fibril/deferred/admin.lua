@@ -5,8 +5,8 @@
 --- backend reads and updates the queue table.
 local journal = require "fibril.deferred.journal"
 
-local type, ipairs, tostring, format, concat, date, gsub, sub =
-      type, ipairs, tostring, string.format, table.concat, os.date, string.gsub, string.sub
+local ipairs, tostring, format, concat, date, gsub, sub =
+      ipairs, tostring, string.format, table.concat, os.date, string.gsub, string.sub
 
 local M = {}
 
@@ -32,7 +32,7 @@ function M.retry(app, ids)
 end
 
 local function first_line(s)
-  if type(s) ~= "string" then s = (s == nil or type(s) == "userdata") and "" or tostring(s) end
+  s = tostring(s or "")
   s = s:match("^[^\n]*")
   if #s > 120 then s = sub(s, 1, 117) .. "..." end
   return s

@@ -407,25 +407,30 @@ end
 function Store:pending() return self.count end
 
 --- Takes the retries the CLI left in inbox/ into this journal (one file per task).
-function Store:take_inbox()
-  local entries = fs.list(self.dir .. "/inbox")
-  if not entries then return 0 end
-  local n = 0
-  for _, e in ipairs(entries) do
+-- The inbox's files (the CLI's retries, one file each) and the tasks each holds:
+-- calls each(path, tasks) per file.
+local function each_inbox_file(dir, each)
+  for _, e in ipairs(fs.list(dir .. "/inbox") or {}) do
     if sub(e.name, -5) == ".json" then
-      local path = self.dir .. "/inbox/" .. e.name
-      local recs = M.decode_records(read_file(path) or "")
+      local path = dir .. "/inbox/" .. e.name
       local tasks = {}
-      for _, r in ipairs(recs) do
+      for _, r in ipairs(M.decode_records(read_file(path) or "")) do
         if r.op == "add" and type(r.task) == "table" and type(r.task.id) == "string" then
           tasks[#tasks + 1] = r.task
         end
       end
-      if #tasks > 0 then self:add(tasks) end
-      remove(path)
-      n = n + #tasks
+      each(path, tasks)
     end
   end
+end
+
+function Store:take_inbox()
+  local n = 0
+  each_inbox_file(self.dir, function(path, tasks)
+    if #tasks > 0 then self:add(tasks) end
+    remove(path)
+    n = n + #tasks
+  end)
   if n > 0 then log.info("deferred: dead tasks queued again", { tasks = n }) end
   return n
 end
@@ -489,16 +494,12 @@ function M.pending_tasks(dir)
       end
     end
   end
-  for _, e in ipairs(fs.list(dir .. "/inbox") or {}) do
-    if sub(e.name, -5) == ".json" then
-      for _, r in ipairs(M.decode_records(read_file(dir .. "/inbox/" .. e.name) or "")) do
-        if r.op == "add" and type(r.task) == "table" and type(r.task.id) == "string" then
-          r.task.slot = "inbox"
-          list[#list + 1] = r.task
-        end
-      end
+  each_inbox_file(dir, function(_, tasks)
+    for _, t in ipairs(tasks) do
+      t.slot = "inbox"
+      list[#list + 1] = t
     end
-  end
+  end)
   sort(list, function(a, b)
     local ra, rb = tonumber(a.run_at) or 0, tonumber(b.run_at) or 0
     if ra ~= rb then return ra < rb end

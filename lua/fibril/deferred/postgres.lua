@@ -294,7 +294,7 @@ function M.pending_tasks(config)
                                .. "locked_by, extract(epoch from locked_until) as locked_until "
                                .. "from %s where status = 'pending' order by run_at, id", t))
   local list, now = {}, require("fibril.core.fiber").walltime()
-  local function value(v) if type(v) ~= "userdata" then return v end end   -- SQL NULL: nil
+  local function value(v) if v ~= json.null then return v end end   -- SQL NULL (pg.null): nil
   for i, row in ipairs(rows) do
     local task = type(row.payload) == "string" and json.decode(row.payload) or row.payload
     task.attempt, task.error, task.run_at = row.attempt, value(row.error), tonumber(row.run_at)
