@@ -11,7 +11,7 @@ void fb_buf_init(fb_buf_t *b, size_t max) {
   b->max = max;
 }
 
-int fb_buf_append(fb_buf_t *b, const char *p, size_t n) {
+int fb_buf_append_grow(fb_buf_t *b, const char *p, size_t n) {
   if (n > b->max - b->len) return FB_ELIMIT;
   if (n > b->cap - b->len) {
     size_t ncap = b->cap ? b->cap : 256;

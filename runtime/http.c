@@ -19,12 +19,24 @@
 #define SERVER_MT "fibril.http.server"
 #define READ_CHUNK 65536
 
-enum { K_METHOD = 1, K_PATH, K_QUERY, K_TARGET, K_VERSION, K_ID, K_HEADERS, K_BODY, K_COUNT };
+/* Strings every request uses, interned once in the table at H.strings_ref: the versions, the
+ * empty body, and at S_METHODS + llhttp's method number, that method's name (made on first use). */
+enum { S_HTTP10 = 1, S_HTTP11, S_EMPTY, S_METHODS };
+
+/* Each request's fiber runs this with (handler, res, method, path, query, target, version, id,
+ * headers, body): the request table is put together by a table constructor the JIT compiles,
+ * where a C-built table costs two API calls and a hash insert per field. */
+static const char request_entry[] =
+  "return function(handler, res, method, path, query, target, version, id, headers, body)\n"
+  "  return handler({ method = method, path = path, query = query, target = target,\n"
+  "                   version = version, id = id, headers = headers, body = body, _res = res }, res)\n"
+  "end\n";
 
 static struct {
   lua_State *L;
   uv_loop_t *loop;
-  int keys_ref;             /* registry: the request table's field names, interned once */
+  int strings_ref;          /* registry: the interned strings (S_*) */
+  int entry_ref;            /* registry: the request fiber's entry function (request_entry) */
   llhttp_settings_t settings;
   uint64_t next_request;
   char id_prefix[9];
@@ -300,6 +312,7 @@ static int on_headers_complete(llhttp_t *p) {
     if (mlen >= sizeof c->method) mlen = sizeof c->method - 1;
     memcpy(c->method, m, mlen);
     c->method[mlen] = '\0';
+    c->method_id = (uint8_t)p->method;
   }
   c->http10 = p->http_major == 1 && p->http_minor == 0;
   c->head_only = p->method == HTTP_HEAD;
@@ -360,12 +373,12 @@ static void set_request_id(fb_http_conn_t *c) {
   }
 }
 
-/* Builds req (a table) and res (a userdata) and spawns handler(req, res) in a new fiber. */
+/* Spawns handler(req, res) in a new fiber: res is a userdata, req a table request_entry makes. */
 static void dispatch(fb_http_conn_t *c) {
   lua_State *L = H.L;
   const char *url = c->head.data, *q;
   size_t path_len;
-  int i, keys;
+  int i, strings;
 
   set_request_id(c);
   q = memchr(url, '?', c->url_len);
@@ -383,36 +396,29 @@ static void dispatch(fb_http_conn_t *c) {
   c->content_length = -1;
   c->status = 0;
 
-  lua_rawgeti(L, LUA_REGISTRYINDEX, H.keys_ref);  /* stack: keys */
-  keys = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, H.strings_ref);  /* stack: strings */
+  strings = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, H.entry_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->handler_ref);
-  lua_createtable(L, 0, q ? 9 : 8);          /* stack: keys handler req (+1: the server adds res) */
-  lua_rawgeti(L, keys, K_METHOD);
-  lua_pushstring(L, c->method);
-  lua_rawset(L, -3);
-  lua_rawgeti(L, keys, K_PATH);
-  lua_pushlstring(L, url, path_len);
-  lua_rawset(L, -3);
+  fb_http_push_response(L, c);               /* stack: strings entry handler res */
+  lua_rawgeti(L, strings, S_METHODS + c->method_id);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushstring(L, c->method);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, strings, S_METHODS + c->method_id);
+  }
+  lua_pushlstring(L, url, path_len);         /* path */
   if (q) {
-    lua_rawgeti(L, keys, K_QUERY);
     lua_pushlstring(L, q + 1, c->url_len - path_len - 1);
-    lua_rawset(L, -3);
+    lua_pushlstring(L, url, c->url_len);     /* target */
+  } else {
+    lua_pushnil(L);
+    lua_pushvalue(L, -2);                    /* target: the path again, no second lookup */
   }
-  lua_rawgeti(L, keys, K_TARGET);
-  if (q) lua_pushlstring(L, url, c->url_len);
-  else {                                     /* the path again: no second string lookup */
-    lua_rawgeti(L, keys, K_PATH);
-    lua_rawget(L, -3);
-  }
-  lua_rawset(L, -3);
-  lua_rawgeti(L, keys, K_VERSION);
-  lua_pushstring(L, c->http10 ? "1.0" : "1.1");
-  lua_rawset(L, -3);
-  lua_rawgeti(L, keys, K_ID);
-  lua_pushstring(L, c->request_id);
-  lua_rawset(L, -3);
-  lua_rawgeti(L, keys, K_HEADERS);
-  lua_createtable(L, 0, c->nheaders);        /* stack: keys handler req "headers" headers */
+  lua_rawgeti(L, strings, c->http10 ? S_HTTP10 : S_HTTP11);
+  lua_pushlstring(L, c->request_id, strlen(c->request_id));
+  lua_createtable(L, 0, c->nheaders);        /* stack: ... headers */
   for (i = 0; i < c->nheaders; i++) {
     header_span_t *h = &c->headers[i];
     char *name = c->head.data + h->name_off;
@@ -431,13 +437,10 @@ static void dispatch(fb_http_conn_t *c) {
     }
     lua_rawset(L, -3);
   }
-  lua_rawset(L, -3);
-  lua_rawgeti(L, keys, K_BODY);
-  lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
-  lua_rawset(L, -3);
-  fb_http_push_response(L, c);               /* stack: keys handler req res */
-  fb_fiber_spawn(L, 2);
-  lua_settop(L, keys - 1);                   /* the fiber handle and the keys */
+  if (c->body.len) lua_pushlstring(L, c->body.data, c->body.len);
+  else lua_rawgeti(L, strings, S_EMPTY);
+  fb_fiber_spawn(L, 10);
+  lua_settop(L, strings - 1);                /* the fiber handle and the strings */
   spans_put(c);
   if (c->body.cap > 65536) fb_buf_free(&c->body);   /* do not keep a big body per connection */
 }
@@ -743,17 +746,18 @@ void fb_http_init(lua_State *L, uv_loop_t *loop) {
   H.settings.on_headers_complete = on_headers_complete;
   H.settings.on_body = on_body;
   H.settings.on_message_complete = on_message_complete;
-  {
-    static const char *names[K_COUNT] = { NULL, "method", "path", "query", "target", "version",
-                                          "id", "headers", "body" };
-    int k;
-    lua_createtable(L, K_COUNT, 0);
-    for (k = 1; k < K_COUNT; k++) {
-      lua_pushstring(L, names[k]);
-      lua_rawseti(L, -2, k);
-    }
-    H.keys_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
+  lua_createtable(L, S_METHODS + 48, 0);
+  lua_pushliteral(L, "1.0");
+  lua_rawseti(L, -2, S_HTTP10);
+  lua_pushliteral(L, "1.1");
+  lua_rawseti(L, -2, S_HTTP11);
+  lua_pushliteral(L, "");
+  lua_rawseti(L, -2, S_EMPTY);
+  H.strings_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (luaL_loadbuffer(L, request_entry, sizeof request_entry - 1, "=fibril.http.request") != 0)
+    lua_error(L);                            /* a bug in the chunk above */
+  lua_call(L, 0, 1);
+  H.entry_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   snprintf(H.id_prefix, sizeof H.id_prefix, "%08x",
            (unsigned)(uv_hrtime() ^ (uint64_t)uv_os_getpid() << 16));
   fb_http_write_init(loop);

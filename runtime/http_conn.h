@@ -89,6 +89,7 @@ struct fb_http_conn_s {
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
   char method[24];
+  uint8_t method_id;        /* llhttp's method number: the interned name's slot */
   char path_log[128];       /* the path, cut at 127 bytes, for the access log */
 };
 

@@ -24,11 +24,11 @@ M.log = log
 
 local TEXT = { ["Content-Type"] = "text/plain" }
 
--- req.remote_addr and req.remote_port are looked up (getpeername) only when read.
-local RES = {}
+-- req.remote_addr and req.remote_port are looked up (getpeername) only when read, through
+-- req._res, the response object the HTTP core puts in every request table.
 local request_mt = { __index = function(req, k)
   if k == "remote_addr" or k == "remote_port" then
-    local ip, port = req[RES]:remote()
+    local ip, port = rawget(req, "_res"):remote()
     rawset(req, "remote_addr", ip)
     rawset(req, "remote_port", port)
     return rawget(req, k)
@@ -56,7 +56,7 @@ function M.handler(app)
                                     .. "load:\n%s\n", req.id, app.load_error))
     end
     local router = app.router
-    req[RES] = res
+    if rawget(req, "_res") == nil then req._res = res end   -- a request table made in Lua
     setmetatable(req, request_mt)
     if app.public and (req.method == "GET" or req.method == "HEAD")
        and static.serve(app, req, res) then return end
@@ -146,6 +146,7 @@ end
 --- Runs the app in this process until a signal drains it: the server, the reloader in
 --- development, the daemons that belong here. Returns the exit status.
 function M.run(app)
+  require("fibril.gc").install(app.config.gc.min_heap)   -- a floor under the GC threshold
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
   require("fibril.pg").configure(app.config.database)   -- connects on first use only

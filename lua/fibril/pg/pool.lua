@@ -165,6 +165,7 @@ end
 -- Unit-of-work context (the executor's, shared by the unit's fibers) -> { {pool, fiber}... }:
 -- what to release when the unit ends. Weak: a context dies with its unit.
 local unit_pins = setmetatable({}, { __mode = "k" })
+local pinned_units = 0        -- lists made in unit_pins less those taken: 0 skips the lookup
 local context = fcore.context
 
 --- Pins a connection to the calling fiber until the unit of work ends (executor to_complete)
@@ -181,7 +182,7 @@ function Pool:pin()
   local ctx = executor.active() and context()
   if ctx then
     local list = unit_pins[ctx]
-    if not list then list = {}; unit_pins[ctx] = list end
+    if not list then list = {}; unit_pins[ctx] = list; pinned_units = pinned_units + 1 end
     list[#list + 1] = { self, f }
   end
   return conn
@@ -198,10 +199,12 @@ end
 
 -- Every unit of work gives back what it pinned, even when it raised.
 executor.to_complete(function()
+  if pinned_units == 0 then return end        -- every request of an app that never pins
   local ctx = context()
   local list = ctx and unit_pins[ctx]
   if not list then return end
   unit_pins[ctx] = nil
+  pinned_units = pinned_units - 1
   for i = 1, #list do
     local pool, f = list[i][1], list[i][2]
     local conn = pool._pins[f]
