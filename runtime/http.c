@@ -696,7 +696,8 @@ static const luaL_Reg server_methods[] = {
 };
 
 int luaopen_fibril_core_http(lua_State *L) {
-  static const luaL_Reg funcs[] = { { "listen", l_listen }, { "live", l_live }, { NULL, NULL } };
+  static const luaL_Reg funcs[] = { { "listen", l_listen }, { "live", l_live },
+                                    { "head_lines", fb_http_l_head_lines }, { NULL, NULL } };
   if (luaL_newmetatable(L, SERVER_MT)) {
     lua_newtable(L);
     luaL_setfuncs(L, server_methods, 0);

@@ -120,6 +120,8 @@ void fb_http_write_init(uv_loop_t *loop);
 void fb_http_write_shutdown(void);
 const char *fb_http_reason(int status);
 int luaopen_fibril_core_http_response(lua_State *L);
+/* core.http.head_lines(headers): a headers table rendered once, for res:send (http_write.c). */
+int fb_http_l_head_lines(lua_State *L);
 void fb_http_push_response(lua_State *L, fb_http_conn_t *c);   /* pushes a new res userdata */
 void fb_http_detach_response(fb_http_conn_t *c);   /* its res object reports closed from now */
 

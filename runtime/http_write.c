@@ -208,7 +208,9 @@ static void add_uint(uint64_t v) {
   fb_buf_append(&scratch, p, (size_t)(digits + sizeof digits - p));
 }
 
-static void add_header(lua_State *L, fb_http_conn_t *c, int vidx) {
+/* Appends the header at -2 (name) / vidx (value); returns 1 for "Connection: close", which
+ * is not written but ends the connection after the response. */
+static int add_header(lua_State *L, int vidx) {
   size_t nlen, vlen;
   const char *name = lua_tolstring(L, -2, &nlen), *value;
   if (lua_type(L, -2) != LUA_TSTRING || !valid_header_text(name, nlen, 1))
@@ -216,23 +218,81 @@ static void add_header(lua_State *L, fb_http_conn_t *c, int vidx) {
   /* Framing is the server's: these are computed, never taken from the app. */
   if ((nlen == 14 && strncasecmp(name, "content-length", 14) == 0) ||
       (nlen == 17 && strncasecmp(name, "transfer-encoding", 17) == 0))
-    return;
+    return 0;
   if (lua_type(L, vidx) != LUA_TSTRING && lua_type(L, vidx) != LUA_TNUMBER)
     luaL_error(L, "http: response header '%s' must be a string", name);
   value = lua_tolstring(L, vidx, &vlen);
   if (!valid_header_text(value, vlen, 0))
     luaL_error(L, "http: response header '%s' contains CR, LF or NUL", name);
-  if (nlen == 10 && strncasecmp(name, "connection", 10) == 0) {
-    if (vlen == 5 && strncasecmp(value, "close", 5) == 0) c->keep_alive = 0;
-    return;
-  }
+  if (nlen == 10 && strncasecmp(name, "connection", 10) == 0)
+    return vlen == 5 && strncasecmp(value, "close", 5) == 0;
   fb_buf_append(&scratch, name, nlen);
   ADD_LIT(": ");
   fb_buf_append(&scratch, value, vlen);
   ADD_LIT("\r\n");
+  return 0;
 }
 
-/* Builds the response head in scratch for status and the headers table at hidx; body_len < 0
+/* Appends the lines of the headers table at hidx; returns 1 when one says Connection: close. */
+static int add_header_table(lua_State *L, int hidx) {
+  int closes = 0;
+  lua_pushnil(L);
+  while (lua_next(L, hidx)) {        /* stack: ... key value */
+    if (lua_istable(L, -1)) {        /* a list: one header line per value (Set-Cookie) */
+      int i, len = (int)lua_objlen(L, -1);
+      for (i = 1; i <= len; i++) {
+        lua_rawgeti(L, -1, i);
+        lua_pushvalue(L, -3);        /* stack: key list value key */
+        lua_insert(L, -2);           /* stack: key list key value */
+        closes |= add_header(L, lua_gettop(L));
+        lua_pop(L, 2);
+      }
+    } else {
+      closes |= add_header(L, lua_gettop(L));
+    }
+    lua_pop(L, 1);
+  }
+  return closes;
+}
+
+/* ---- prepared header lines --------------------------------------------------------------- */
+
+/* core.http.head_lines(headers) renders a headers table once, checked as res:send checks it;
+ * res:send and res:start take the result in place of a table and copy its bytes. For header
+ * sets many responses share: the framework's Content-Type-only heads (controller.lua). */
+#define HEAD_LINES_MAGIC 0x6c696e65u
+typedef struct {
+  unsigned magic;
+  int closes;              /* the table said Connection: close */
+  size_t len;
+  char data[];
+} head_lines_t;
+
+int fb_http_l_head_lines(lua_State *L) {
+  head_lines_t *h;
+  int closes;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  fb_buf_reset(&scratch);
+  closes = add_header_table(L, 1);
+  h = lua_newuserdata(L, sizeof *h + scratch.len);
+  h->magic = HEAD_LINES_MAGIC;
+  h->closes = closes;
+  h->len = scratch.len;
+  if (scratch.len) memcpy(h->data, scratch.data, scratch.len);
+  return 1;
+}
+
+static head_lines_t *to_head_lines(lua_State *L, int idx) {
+  head_lines_t *h = lua_touserdata(L, idx);
+  if (h && lua_objlen(L, idx) >= sizeof *h && h->magic == HEAD_LINES_MAGIC &&
+      lua_objlen(L, idx) == sizeof *h + h->len)
+    return h;
+  return NULL;
+}
+
+/* Builds the response head in scratch for status and the headers at hidx (a table, head_lines
+ * or nil); body_len < 0
  * means a streamed body (chunked on HTTP/1.1, close-delimited on HTTP/1.0). */
 static void build_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, long long body_len) {
   const char *reason = fb_http_reason(status);
@@ -249,22 +309,12 @@ static void build_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, lo
     fb_buf_append(&scratch, date, W.date_len);
   }
   if (lua_istable(L, hidx)) {
-    lua_pushnil(L);
-    while (lua_next(L, hidx)) {        /* stack: ... key value */
-      if (lua_istable(L, -1)) {        /* a list: one header line per value (Set-Cookie) */
-        int i, len = (int)lua_objlen(L, -1);
-        for (i = 1; i <= len; i++) {
-          lua_rawgeti(L, -1, i);
-          lua_pushvalue(L, -3);        /* stack: key list value key */
-          lua_insert(L, -2);           /* stack: key list key value */
-          add_header(L, c, lua_gettop(L));
-          lua_pop(L, 2);
-        }
-      } else {
-        add_header(L, c, lua_gettop(L));
-      }
-      lua_pop(L, 1);
-    }
+    if (add_header_table(L, hidx)) c->keep_alive = 0;
+  } else if (lua_type(L, hidx) == LUA_TUSERDATA) {
+    head_lines_t *h = to_head_lines(L, hidx);
+    if (!h) luaL_error(L, "http: response headers must be a table");
+    fb_buf_append(&scratch, h->data, h->len);
+    if (h->closes) c->keep_alive = 0;
   }
   if (body_len >= 0) {
     if (!no_body) {

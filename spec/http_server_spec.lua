@@ -328,6 +328,36 @@ describe("the HTTP server with fibers", function()
   end)
 end)
 
+  it("sends head lines rendered once by head_lines, checked as a table is", function()
+    local http = require "fibril.core.http"
+    local lines = http.head_lines({ ["Content-Type"] = "text/plain", ["X-Shared"] = "yes",
+                                    ["Content-Length"] = "99" })       -- framing stays the server's
+    local closing = http.head_lines({ Connection = "close" })
+    assert.has_error(function() http.head_lines({ ["X-Evil"] = "a\r\nSet-Cookie: x=1" }) end,
+                     "http: response header 'X-Evil' contains CR, LF or NUL")
+    local srv, port = support.http_server(function(req, res)
+      if req.path == "/bad" then
+        local ok, err = pcall(res.send, res, 200, io.stdout, "")     -- some other userdata
+        return res:send(500, nil, tostring(ok) .. " " .. tostring(err))
+      end
+      res:send(200, req.path == "/close" and closing or lines, "shared")
+    end)
+    local res, sock = support.raw(port, "GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert.are.equal("text/plain", res.headers["content-type"])
+    assert.are.equal("yes", res.headers["x-shared"])
+    assert.are.equal("6", res.headers["content-length"])
+    sock:write("GET /again HTTP/1.1\r\nHost: t\r\n\r\n")        -- the same lines, once more
+    assert.are.equal("yes", support.read_response(sock).headers["x-shared"])
+    sock:close()
+    res, sock = support.raw(port, "GET /close HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert.are.equal("close", res.headers["connection"])
+    assert.is_nil(sock:read({ timeout = 2 }))                  -- and it did close
+    sock:close()
+    res = support.raw(port, "GET /bad HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert.matches("false .*response headers must be a table", res.body)
+    srv:close()
+  end)
+
 describe("the app server's guard rails", function()
   it("answers 500 when a function route returns without responding, and ends a stream left open", function()
     local App = require "fibril.app"

@@ -304,12 +304,14 @@ local function run(C, action, req, path_params, controller_name)
   return self
 end
 
--- Headers of a response with only a Content-Type (most of them) are shared, read-only tables,
--- one per content type (at most 64 of them): the server only reads them.
+-- Headers of a response with only a Content-Type (most of them) are rendered once per content
+-- type (at most 64 of them) by core.http.head_lines, which res:send copies as they are: no
+-- table walk and no header checks per response.
 local by_type, ntypes, NO_HEADERS = {}, 0, {}
+local head_lines = require("fibril.core.http").head_lines
 
 -- The response headers: the app's, plus Content-Type unless it gave one, plus Set-Cookie.
--- shared: may return a table that must not be written to (for the server).
+-- shared: may return a shared table or head_lines (for the server's res:send only).
 local function response_headers(r, cookies, shared)
   local given, ctype = r[2], r[4]
   if shared and not given and not cookies then
@@ -317,7 +319,7 @@ local function response_headers(r, cookies, shared)
     local h = by_type[ctype]
     if h then return h end
     if ntypes < 64 then
-      h = { ["Content-Type"] = ctype }
+      h = head_lines({ ["Content-Type"] = ctype })
       by_type[ctype], ntypes = h, ntypes + 1
       return h
     end
@@ -340,8 +342,8 @@ function Controller.dispatch(C, action, req, path_params, controller_name)
 end
 
 --- Like dispatch, for the server: returns status, headers, body and, for render{ sse = ... },
---- the stream's description; the headers table may be shared between responses and must not
---- be written to.
+--- the stream's description; the headers may be a table shared between responses or rendered
+--- head lines (core.http.head_lines), for res:send only.
 function Controller.respond(C, action, req, path_params, controller_name)
   local self = run(C, action, req, path_params, controller_name)
   local r = self._response
