@@ -66,7 +66,6 @@ local SCHEMA = {
   ["log.level"]              = { "string",  "info",      one_of("debug", "info", "warn", "error") },
   ["log.format"]             = { "string",  "text",      one_of("text", "json") },
   ["log.access"]             = { "boolean", true },       -- one line per HTTP request on stdout
-  ["gc.min_heap"]            = { "number",  4194304,     non_negative_integer },  -- fibril.gc; 0: off
   ["http.max_header_bytes"]  = { "number",  16384,       positive_integer },
   ["http.max_body_bytes"]    = { "number",  1048576,     positive_integer },
   ["http.max_url_bytes"]     = { "number",  8192,        positive_integer },

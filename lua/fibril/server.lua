@@ -146,7 +146,6 @@ end
 --- Runs the app in this process until a signal drains it: the server, the reloader in
 --- development, the daemons that belong here. Returns the exit status.
 function M.run(app)
-  require("fibril.gc").install(app.config.gc.min_heap)   -- a floor under the GC threshold
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
   require("fibril.pg").configure(app.config.database)   -- connects on first use only
