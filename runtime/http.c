@@ -28,6 +28,10 @@ enum { S_HTTP10 = 1, S_HTTP11, S_EMPTY, S_METHODS };
  * where a C-built table costs two API calls and a hash insert per field. */
 static const char request_entry[] =
   "return function(handler, res, method, path, query, target, version, id, headers, body)\n"
+  "  if query == nil then  -- 8 fields: the table fits 8 hash slots, where 9 take 16\n"
+  "    return handler({ method = method, path = path, target = target, version = version,\n"
+  "                     id = id, headers = headers, body = body, _res = res }, res)\n"
+  "  end\n"
   "  return handler({ method = method, path = path, query = query, target = target,\n"
   "                   version = version, id = id, headers = headers, body = body, _res = res }, res)\n"
   "end\n";
@@ -359,6 +363,7 @@ static void set_request_id(fb_http_conn_t *c) {
       if (k == h->value_len) {
         memcpy(c->request_id, v, k);
         c->request_id[k] = '\0';
+        c->request_id_len = k;
         return;
       }
     }
@@ -370,6 +375,7 @@ static void set_request_id(fb_http_conn_t *c) {
     memcpy(c->request_id, H.id_prefix, 8);
     for (k = 15; k >= 8; k--, n >>= 4) c->request_id[k] = hex[n & 15];
     c->request_id[16] = '\0';
+    c->request_id_len = 16;
   }
 }
 
@@ -417,7 +423,7 @@ static void dispatch(fb_http_conn_t *c) {
     lua_pushvalue(L, -2);                    /* target: the path again, no second lookup */
   }
   lua_rawgeti(L, strings, c->http10 ? S_HTTP10 : S_HTTP11);
-  lua_pushlstring(L, c->request_id, strlen(c->request_id));
+  lua_pushlstring(L, c->request_id, c->request_id_len);
   lua_createtable(L, 0, c->nheaders);        /* stack: ... headers */
   for (i = 0; i < c->nheaders; i++) {
     header_span_t *h = &c->headers[i];

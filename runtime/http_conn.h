@@ -88,6 +88,7 @@ struct fb_http_conn_s {
   int stream_detached;      /* res:detach: no fiber holds the response; EOF closes at once */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
   char request_id[64];
+  size_t request_id_len;
   char method[24];
   uint8_t method_id;        /* llhttp's method number: the interned name's slot */
   char path_log[128];       /* the path, cut at 127 bytes, for the access log */

@@ -295,15 +295,19 @@ static head_lines_t *to_head_lines(lua_State *L, int idx) {
  * or nil); body_len < 0
  * means a streamed body (chunked on HTTP/1.1, close-delimited on HTTP/1.0). */
 static void build_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, long long body_len) {
-  const char *reason = fb_http_reason(status);
   int no_body = status < 200 || status == 204 || status == 304;
 
   fb_buf_reset(&scratch);
-  ADD_LIT("HTTP/1.1 ");
-  add_uint((uint64_t)status);
-  ADD_LIT(" ");
-  fb_buf_append(&scratch, reason, strlen(reason));
-  ADD_LIT("\r\n");
+  if (status == 200) {
+    ADD_LIT("HTTP/1.1 200 OK\r\n");        /* most responses: no digits, no reason lookup */
+  } else {
+    const char *reason = fb_http_reason(status);
+    ADD_LIT("HTTP/1.1 ");
+    add_uint((uint64_t)status);
+    ADD_LIT(" ");
+    fb_buf_append(&scratch, reason, strlen(reason));
+    ADD_LIT("\r\n");
+  }
   {
     const char *date = date_header();       /* sets W.date_len: call it first */
     fb_buf_append(&scratch, date, W.date_len);
@@ -331,7 +335,7 @@ static void build_head(lua_State *L, fb_http_conn_t *c, int status, int hidx, lo
   if (!c->keep_alive) ADD_LIT("Connection: close\r\n");
   else if (c->http10) ADD_LIT("Connection: keep-alive\r\n");
   ADD_LIT("X-Request-Id: ");
-  fb_buf_append(&scratch, c->request_id, strlen(c->request_id));
+  fb_buf_append(&scratch, c->request_id, c->request_id_len);
   if (ADD_LIT("\r\n\r\n") != 0) luaL_error(L, "http: response head over 1 MiB");
 }
 
