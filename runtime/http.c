@@ -51,6 +51,8 @@ static struct {
 
 typedef struct { fb_http_server_t *srv; } server_box_t;
 
+fb_log_limit_t fb_http_warn_limit;
+
 static void parse(fb_http_conn_t *c, const char *data, size_t len);
 
 /* Header span arrays: 1.6 KiB each, needed only while a head is being parsed. A small pool
@@ -162,7 +164,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   fb_http_server_t *srv = ls->data;
   fb_http_conn_t *c;
   if (status < 0) {
-    fb_log(FB_WARN, "http", "reason=accept_failed err=%s", uv_strerror(status));
+    HTTP_WARN("reason=accept_failed err=%s", uv_strerror(status));
     return;
   }
   c = calloc(1, sizeof *c);
@@ -193,7 +195,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   c->parser.data = c;
   c->state = CS_IDLE;
   if (srv->nconns > srv->limits.max_connections || srv->draining) {
-    fb_log(FB_WARN, "http", "conn=%u reason=%s status=503", c->id,
+    HTTP_WARN("conn=%u reason=%s status=503", c->id,
            srv->draining ? "draining" : "max_connections");
     fb_http_send_error(c, 503);
     return;
@@ -207,7 +209,7 @@ static void on_connection(uv_stream_t *ls, int status) {
 /* A limit was hit inside an llhttp callback: remember the status, stop the parser. */
 static int fail(fb_http_conn_t *c, int status, const char *reason) {
   c->status = status;
-  fb_log(FB_WARN, "http", "conn=%u reason=%s status=%d", c->id, reason, status);
+  HTTP_WARN("conn=%u reason=%s status=%d", c->id, reason, status);
   return HPE_USER;
 }
 
@@ -258,7 +260,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   h = &c->headers[c->nheaders - 1];
   /* Never a line end inside a value (obs-fold is refused before parsing, see below). */
   if (memchr(at, '\n', len) || memchr(at, '\r', len)) {
-    fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=obs_fold", c->id);
+    HTTP_WARN("conn=%u reason=bad_request status=400 err=obs_fold", c->id);
     c->status = 400;
     return HPE_USER;
   }
@@ -304,6 +306,23 @@ static int header_is(fb_http_conn_t *c, header_span_t *h, const char *name) {
   return h->name_len == n && strncasecmp(c->head.data + h->name_off, name, n) == 0;
 }
 
+/* listen{ required_header, required_value }: whether the request carries it (the last one
+ * of that name), compared in time that depends on the length only. */
+static int has_required_header(fb_http_conn_t *c) {
+  fb_http_server_t *srv = c->srv;
+  header_span_t *found = NULL;
+  const unsigned char *v;
+  unsigned diff = 0;
+  size_t k;
+  int i;
+  for (i = 0; i < c->nheaders; i++)
+    if (header_is(c, &c->headers[i], srv->required_name)) found = &c->headers[i];
+  if (!found || found->value_len != srv->required_value_len) return 0;
+  v = (const unsigned char *)c->head.data + found->value_off;
+  for (k = 0; k < srv->required_value_len; k++) diff |= v[k] ^ (unsigned char)srv->required_value[k];
+  return diff == 0;
+}
+
 static int on_headers_complete(llhttp_t *p) {
   fb_http_conn_t *c = p->data;
   fb_http_limits_t *lim = &c->srv->limits;
@@ -320,6 +339,10 @@ static int on_headers_complete(llhttp_t *p) {
   }
   c->http10 = p->http_major == 1 && p->http_minor == 0;
   c->head_only = p->method == HTTP_HEAD;
+  if (c->srv->required_name && !has_required_header(c)) {
+    c->srv->refused++;               /* refused before any body byte is read */
+    return fail(c, 403, "forbidden");
+  }
   for (i = 0; i < c->nheaders; i++) {
     header_span_t *h = &c->headers[i];
     if (header_is(c, h, "expect")) {
@@ -469,7 +492,7 @@ static void parse(fb_http_conn_t *c, const char *data, size_t len) {
   if (c->state == CS_IDLE || c->state == CS_HEAD) {
     const char *bad = bad_line_end_in_head(c, data, len);
     if (bad) {
-      fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=%s", c->id, bad);
+      HTTP_WARN("conn=%u reason=bad_request status=400 err=%s", c->id, bad);
       fb_http_send_error(c, 400);
       return;
     }
@@ -485,7 +508,7 @@ static void parse(fb_http_conn_t *c, const char *data, size_t len) {
     const char *pos = llhttp_get_error_pos(&c->parser);
     size_t used = pos ? (size_t)(pos - data) : len;
     if (used < len && fb_buf_append(&c->pending, data + used, len - used) != 0) {
-      fb_log(FB_WARN, "http", "conn=%u reason=pipeline_limit status=431", c->id);
+      HTTP_WARN("conn=%u reason=pipeline_limit status=431", c->id);
       c->keep_alive = 0;             /* answer what we have, then close */
     }
     return;
@@ -494,7 +517,7 @@ static void parse(fb_http_conn_t *c, const char *data, size_t len) {
     fb_http_send_error(c, c->status);
     return;
   }
-  fb_log(FB_WARN, "http", "conn=%u reason=bad_request status=400 err=%s", c->id,
+  HTTP_WARN("conn=%u reason=bad_request status=400 err=%s", c->id,
          llhttp_errno_name(err));
   fb_http_send_error(c, 400);
 }
@@ -543,6 +566,8 @@ static void server_maybe_free(fb_http_server_t *srv) {
   if (srv->prev_srv) srv->prev_srv->next_srv = srv->next_srv;
   else H.servers = srv->next_srv;
   if (srv->next_srv) srv->next_srv->prev_srv = srv->prev_srv;
+  free(srv->required_name);
+  free(srv->required_value);
   free(srv);
 }
 
@@ -568,6 +593,13 @@ static fb_http_server_t *check_server(lua_State *L) {
 }
 
 /* connections() stays valid while a closed server drains; 0 once it is gone. */
+/* server:refused(): requests answered 403 for a missing or wrong required_header. */
+static int l_server_refused(lua_State *L) {
+  server_box_t *b = luaL_checkudata(L, 1, SERVER_MT);
+  lua_pushnumber(L, b->srv ? (lua_Number)b->srv->refused : 0);
+  return 1;
+}
+
 static int l_server_connections(lua_State *L) {
   server_box_t *b = luaL_checkudata(L, 1, SERVER_MT);
   lua_pushinteger(L, b->srv ? (lua_Integer)b->srv->nconns : 0);
@@ -594,6 +626,39 @@ static size_t opt_size(lua_State *L, int t, const char *key, size_t dflt) {
 
 /* listen{ host, port, handler, reuseport, backlog, access_log, <limits in bytes/seconds> }
  * -> server | nil, message */
+/* Copies listen{ required_header, required_value } into srv; -1 when they are not both
+ * non-empty strings (or both absent). */
+static int set_required_header(lua_State *L, fb_http_server_t *srv) {
+  size_t nlen = 0, vlen = 0, k;
+  const char *name, *value;
+  lua_getfield(L, 1, "required_header");
+  lua_getfield(L, 1, "required_value");
+  if (lua_isnil(L, -2) && lua_isnil(L, -1)) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  name = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &nlen) : NULL;
+  value = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &vlen) : NULL;
+  if (!name || !value || nlen == 0 || vlen == 0) {
+    lua_pop(L, 2);
+    return -1;
+  }
+  srv->required_name = malloc(nlen + 1);
+  srv->required_value = malloc(vlen);
+  if (!srv->required_name || !srv->required_value) {
+    free(srv->required_value);
+    srv->required_value = NULL;
+    lua_pop(L, 2);
+    return -1;
+  }
+  for (k = 0; k < nlen; k++) srv->required_name[k] = (char)tolower((unsigned char)name[k]);
+  srv->required_name[nlen] = '\0';
+  memcpy(srv->required_value, value, vlen);
+  srv->required_value_len = vlen;
+  lua_pop(L, 2);
+  return 0;
+}
+
 static int l_listen(lua_State *L) {
   struct sockaddr_storage addr;
   fb_http_server_t *srv;
@@ -638,6 +703,13 @@ static int l_listen(lua_State *L) {
   lua_getfield(L, 1, "access_log");
   srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
   lua_pop(L, 1);
+  if (set_required_header(L, srv) != 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, srv->handler_ref);
+    free(srv->required_name);
+    free(srv);
+    return luaL_error(L, "http: required_header and required_value: two non-empty strings "
+                         "(a header name and its value), or neither");
+  }
 
   uv_tcp_init_ex(H.loop, &srv->tcp, addr.ss_family);
   srv->tcp.data = srv;
@@ -697,6 +769,7 @@ static int l_live(lua_State *L) {
 static const luaL_Reg server_methods[] = {
   { "port", l_server_port },
   { "connections", l_server_connections },
+  { "refused", l_server_refused },
   { "close", l_server_close },
   { NULL, NULL }
 };

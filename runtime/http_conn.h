@@ -9,6 +9,7 @@
 #include <uv.h>
 
 #include "buf.h"
+#include "log.h"
 #include "fiber.h"
 
 #define FB_HTTP_MAX_HEADERS 100
@@ -27,6 +28,10 @@ struct fb_http_server_s {
   uv_tcp_t tcp;             /* the listener; the struct is freed in its close callback */
   fb_http_limits_t limits;
   int handler_ref;          /* registry: the Lua function called as handler(req, res) */
+  char *required_name;      /* listen{ required_header }: lower-case, or NULL */
+  char *required_value;     /* ... and the value it must have (compared in constant time) */
+  size_t required_value_len;
+  uint64_t refused;         /* requests answered 403 for that header */
   int access_log;           /* write one line per request to stdout */
   unsigned nconns, next_conn_id;
   fb_http_conn_t *conns;    /* every open connection (next/prev), for drain and close */
@@ -121,6 +126,13 @@ void fb_http_write_init(uv_loop_t *loop);
 void fb_http_write_shutdown(void);
 const char *fb_http_reason(int status);
 int luaopen_fibril_core_http_response(lua_State *L);
+
+/* A warn line about what a client did (a bad request, a limit, a timeout): at most
+ * HTTP_WARNS_PER_SECOND a second, so a flood of bad requests cannot flood the log. */
+#define HTTP_WARNS_PER_SECOND 50
+extern fb_log_limit_t fb_http_warn_limit;
+#define HTTP_WARN(...) \
+  fb_log_limited(&fb_http_warn_limit, HTTP_WARNS_PER_SECOND, FB_WARN, "http", __VA_ARGS__)
 /* core.http.head_lines(headers): a headers table rendered once, for res:send (http_write.c). */
 int fb_http_l_head_lines(lua_State *L);
 void fb_http_push_response(lua_State *L, fb_http_conn_t *c);   /* pushes a new res userdata */

@@ -10,19 +10,19 @@ static void on_deadline(fb_http_conn_t *c) {
   switch (c->state) {
   case CS_IDLE:                    /* idle keep-alive, or a response the client never read */
     if (c->write_queued)
-      fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
+      HTTP_WARN("conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
     fb_http_conn_close(c);
     break;
   case CS_HEAD:
   case CS_BODY:
-    fb_log(FB_WARN, "http", "conn=%u reason=%s status=408", c->id,
+    HTTP_WARN("conn=%u reason=%s status=408", c->id,
            c->state == CS_HEAD ? "header_timeout"
            : c->body_due && now >= c->body_due ? "body_deadline" : "body_timeout");
     fb_http_send_error(c, 408);
     break;
   case CS_DISPATCHED:
   case CS_CLOSING:                 /* armed only while response bytes are stuck */
-    fb_log(FB_WARN, "http", "conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
+    HTTP_WARN("conn=%u reason=send_timeout queued=%zu", c->id, c->write_queued);
     fb_http_conn_close(c);
     break;
   }

@@ -497,7 +497,7 @@ static int l_res_push(lua_State *L) {
     }
   }
   if ((lua_Number)c->write_queued > limit) {
-    fb_log(FB_WARN, "http", "conn=%u reason=slow_stream queued=%zu", c->id, c->write_queued);
+    HTTP_WARN("conn=%u reason=slow_stream queued=%zu", c->id, c->write_queued);
     fb_http_conn_close(c);
     lua_pushboolean(L, 0);
     lua_pushliteral(L, "slow");

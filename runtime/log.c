@@ -10,11 +10,10 @@
 
 static const char *level_names[] = { "debug", "info", "warn", "error" };
 
-void fb_log(fb_log_level_t level, const char *sub, const char *fmt, ...) {
+static void log_line(fb_log_level_t level, const char *sub, const char *fmt, va_list ap) {
   struct timeval tv;
   struct tm tm;
   char ts[32];
-  va_list ap;
 
   gettimeofday(&tv, NULL);
   gmtime_r(&tv.tv_sec, &tm);
@@ -23,12 +22,43 @@ void fb_log(fb_log_level_t level, const char *sub, const char *fmt, ...) {
   flockfile(stderr);
   fprintf(stderr, "ts=%s.%03dZ level=%s sub=%s ", ts, (int)(tv.tv_usec / 1000),
           level_names[level], sub);
-  va_start(ap, fmt);
   vfprintf(stderr, fmt, ap);
-  va_end(ap);
   fputc('\n', stderr);
   funlockfile(stderr);
   fflush(stderr);
+}
+
+void fb_log(fb_log_level_t level, const char *sub, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  log_line(level, sub, fmt, ap);
+  va_end(ap);
+}
+
+int fb_log_limit_take(fb_log_limit_t *lim, long now, unsigned max, unsigned *dropped) {
+  if (now != lim->second) {
+    lim->second = now;
+    lim->used = 0;
+  }
+  if (lim->used >= max) {
+    lim->dropped++;
+    return 0;
+  }
+  lim->used++;
+  *dropped = lim->dropped;
+  lim->dropped = 0;
+  return 1;
+}
+
+void fb_log_limited(fb_log_limit_t *lim, unsigned max, fb_log_level_t level, const char *sub,
+                    const char *fmt, ...) {
+  unsigned dropped;
+  va_list ap;
+  if (!fb_log_limit_take(lim, (long)time(NULL), max, &dropped)) return;
+  if (dropped) fb_log(level, sub, "reason=log_limited dropped=%u max_per_second=%u", dropped, max);
+  va_start(ap, fmt);
+  log_line(level, sub, fmt, ap);
+  va_end(ap);
 }
 
 char *fb_log_quote(char *dst, size_t cap, const char *s, size_t len) {

@@ -328,6 +328,34 @@ describe("the HTTP server with fibers", function()
   end)
 end)
 
+  it("answers 403 on the head to a request without required_header's value", function()
+    local http = require "fibril.core.http"
+    local bodies = 0
+    local srv = assert(http.listen{ host = "127.0.0.1", port = 0, access_log = false,
+      required_header = "X-Secret", required_value = "s3cret",
+      handler = function(req, res) bodies = bodies + #req.body; res:send(200, {}, "in") end })
+    local port = srv:port()
+    local head = "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+    assert.are.equal("in", support.raw(port, head .. "x-secret: s3cret\r\n\r\nbody").body)
+    assert.are.equal(4, bodies)
+    for _, bad in ipairs({ "", "X-Secret: s3cre\r\n", "X-Secret: s3cret!\r\n", "X-Secret: S3CRET\r\n",
+                           "X-Other: s3cret\r\n" }) do
+      local res = support.raw(port, head .. bad .. "\r\nbody")
+      assert.are.equal(403, res.status)
+      assert.are.equal("close", res.headers["connection"])
+    end
+    assert.are.equal(5, srv:refused())
+    assert.are.equal(4, bodies)                               -- no refused request reached it
+    srv:close()
+    assert.has_error(function()
+      http.listen{ port = 0, handler = function() end, required_header = "X-Secret" }
+    end, "http: required_header and required_value: two non-empty strings (a header name and its "
+         .. "value), or neither")
+    assert.has_error(function()
+      http.listen{ port = 0, handler = function() end, required_header = "X", required_value = "" }
+    end)
+  end)
+
   it("sends head lines rendered once by head_lines, checked as a table is", function()
     local http = require "fibril.core.http"
     local lines = http.head_lines({ ["Content-Type"] = "text/plain", ["X-Shared"] = "yes",
