@@ -129,6 +129,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     c->peer_eof = 1;
     uv_read_stop(s);
     c->reading = 0;
+    fb_http_edge_lost(c);
     fb_http_wake_close_waiter(c, "eof");   /* a stream ends when its client leaves */
     if (c->stream_detached) {          /* no fiber watches it: the client left, close now */
       fb_http_conn_close(c);
@@ -137,6 +138,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     if (c->state != CS_DISPATCHED) fb_http_conn_close(c);
     return;
   }
+  if ((size_t)nread == buf->len) fb_http_edge_full_read(c);   /* more may wait: libuv's 32 reads */
+  else fb_http_edge_arm(c);
   if (c->state == CS_DISPATCHED) {
     /* Pipelined bytes wait for their turn. Past max_header_bytes of them reading stops (TCP
      * backpressure); pending's max leaves room for the one read that crossed the line. */
@@ -147,6 +150,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     if (c->pending.len > c->srv->limits.max_header_bytes) {
       uv_read_stop(s);
       c->reading = 0;
+      fb_http_edge_lost(c);
     }
     return;
   }
@@ -157,7 +161,14 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 
 static void start_reading(fb_http_conn_t *c) {
   if (c->reading || c->peer_eof || c->state == CS_CLOSING) return;
+  fb_http_edge_lost(c);
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+void fb_http_restart_reading(fb_http_conn_t *c) {
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+  start_reading(c);
 }
 
 static void on_connection(uv_stream_t *ls, int status) {

@@ -65,6 +65,7 @@ struct fb_http_conn_s {
   int closes;               /* handles still to close before the struct is freed */
   conn_state_t state;
   int reading;              /* uv_read_start is on */
+  int edge;                 /* registered edge-triggered for reading (http_edge.c) */
   int peer_eof;             /* the client half-closed or left */
 
   /* The request being parsed: url and header names/values packed in head. */
@@ -103,6 +104,14 @@ struct fb_http_conn_s {
 void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the close callbacks */
 /* The response is complete: log it, then read the next request or close. */
 void fb_http_request_done(fb_http_conn_t *c);
+
+/* Stops and starts reading again: libuv registers the socket anew. */
+void fb_http_restart_reading(fb_http_conn_t *c);
+
+/* http_edge.c: edge-triggered reads (why and the rules: the file's opening comment). */
+void fb_http_edge_arm(fb_http_conn_t *c);         /* after a read that emptied the socket */
+void fb_http_edge_full_read(fb_http_conn_t *c);   /* a read filled the buffer: level again */
+void fb_http_edge_lost(fb_http_conn_t *c);        /* libuv is about to register it anew */
 
 /* http_timeout.c */
 /* The connection's timeout (header, body, keep-alive or send, by state): ms from now, 0 none. */

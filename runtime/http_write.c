@@ -101,6 +101,7 @@ static void on_written(uv_write_t *req, int status) {
   fb_http_conn_t *c = w->c;
   c->write_queued -= w->len;
   free(w);
+  fb_http_edge_lost(c);              /* libuv stops watching for writability when it drains */
   if (status < 0) {
     fb_http_conn_close(c);
     return;
@@ -145,6 +146,7 @@ static int writev_bufs(fb_http_conn_t *c, uv_buf_t *bufs, int n) {
   w->c = c;
   w->len = off;
   c->write_queued += off;
+  fb_http_edge_lost(c);              /* libuv watches for writability: a registration of its own */
   uv_buf_t b = uv_buf_init(w->data, (unsigned)off);
   if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written) != 0) {
     c->write_queued -= off;
@@ -172,6 +174,7 @@ void fb_http_send_error(fb_http_conn_t *c, int status) {
                    status, reason, date_header(), strlen(reason) + 1, reason);
   uv_read_stop((uv_stream_t *)&c->tcp);
   c->reading = 0;
+  fb_http_edge_lost(c);
   fb_http_arm_timer(c, 0);
   c->status = status;
   c->state = CS_CLOSING;
