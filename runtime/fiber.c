@@ -1,9 +1,13 @@
 /* fiber.c: fibers (coroutines anchored in the registry) and the one scheduler.
  * Only this file calls lua_resume, always from drain() at C-stack depth one: libuv callbacks
  * and wakers push values and enqueue (fb_fiber_ready), the check handle drains the queue.
- * A fiber's handle is a userdata holding its fb_fiber_t; while the fiber is alive the handle
- * is anchored by self_ref, so every pointer to a live fiber (queue, joiners, timer) is valid.
- * Fibers are anchored through runtime/anchor.c (table slots recycled by a C free list). */
+ * A fiber is C memory (fb_fiber_t, recycled through a free list) that lives at least as long
+ * as the fiber runs, so every pointer to a live fiber (queue, joiners, timer) is valid. Its
+ * Lua handle is a small userdata (fiber_box_t) made when Lua first asks for it: fibers the
+ * HTTP server starts for requests usually never get one, which saves a userdata (and its
+ * share of the collector's atomic phase) per request. A finished fiber's struct outlives it
+ * only while a handle can still read its results or error.
+ * Values are anchored through runtime/anchor.c (table slots recycled by a C free list). */
 #include "fiber.h"
 
 #include <lauxlib.h>
@@ -36,13 +40,21 @@ typedef enum { W_NONE, W_SLEEP, W_JOIN, W_PARK, W_OP, W_FOREVER } wait_kind_t;
 
 #define FIBER_MAGIC 0x66696272u   /* "fibr": tells a fiber handle from other userdata */
 
-struct fb_fiber_s {
+/* A fiber's handle. f is NULL once the fiber finished with nothing a handle could read
+ * (no results, no error): its struct is then recycled and the handle answers from id. */
+typedef struct {
   unsigned magic;
+  fb_fiber_t *f;
+  uint64_t id;
+} fiber_box_t;
+
+struct fb_fiber_s {
+  fiber_box_t *box;       /* the handle, or NULL while Lua has never asked for one */
   lua_State *co;          /* NULL once nothing on its stack is needed any more */
   int co_ref;             /* anchor slot of co while alive and, once done, of its results;
                              released in fiber_finish() (no results) or fiber_gc() */
-  int self_ref;           /* anchor slot of the handle while alive; released in
-                             fiber_finish() only */
+  int self_ref;           /* anchor slot of the handle (when there is one) while alive;
+                             released in fiber_finish() only */
   int err_ref;            /* FS_FAILED: anchor slot of the error object; fiber_gc() only */
   int ctx_ref;            /* anchor slot of the unit-of-work context table (executor), shared
                              with the fibers it schedules; released in fiber_finish() */
@@ -60,7 +72,7 @@ struct fb_fiber_s {
   fb_fiber_t *joiners;    /* fibers awaiting this one, linked through join_next/join_prev */
   fb_fiber_t *join_next, *join_prev;
   uv_timer_t *timer;      /* created on first timed wait; closed in fiber_finish() */
-  fb_fiber_t *live_next, *live_prev;
+  fb_fiber_t *live_next, *live_prev;   /* S.live while alive; S.free_fibers once recycled */
   fb_fiber_cancel_cb on_cancel;
   void *on_cancel_data;
 };
@@ -89,7 +101,11 @@ static struct {
   lua_State *pool[256];
   int pool_ref[256];
   int npool;
+  fb_fiber_t *free_fibers;   /* recycled structs (at most FREE_FIBERS_MAX), linked by live_next */
+  size_t nfree_fibers;
 } S;
+
+#define FREE_FIBERS_MAX 1024
 
 static void fiber_finish(fb_fiber_t *f, int ok);
 
@@ -258,45 +274,86 @@ static double opt_timeout(lua_State *L, int idx, const char *who) {
 
 /* ---- fiber lifecycle ----------------------------------------------------------------- */
 
-static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
-  fb_fiber_t *p = lua_touserdata(L, idx);
-  if (p && lua_objlen(L, idx) == sizeof *p && p->magic == FIBER_MAGIC) return p;
+static fiber_box_t *check_box(lua_State *L, int idx, const char *who) {
+  fiber_box_t *b = lua_touserdata(L, idx);
+  if (b && lua_objlen(L, idx) == sizeof *b && b->magic == FIBER_MAGIC) return b;
   luaL_error(L, "%s: expected a fiber, got %s", who, luaL_typename(L, idx));
   return NULL;
 }
 
-/* Creates a fiber from the function below nargs arguments on L's top; pushes its handle. */
-fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
+/* The fiber behind a handle, or NULL when it finished and was recycled (done, no results). */
+static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
+  return check_box(L, idx, who)->f;
+}
+
+static fb_fiber_t *fiber_alloc(void) {
+  fb_fiber_t *f = S.free_fibers;
+  if (f) {
+    S.free_fibers = f->live_next;
+    S.nfree_fibers--;
+  } else if (!(f = malloc(sizeof *f))) {
+    return NULL;
+  }
+  memset(f, 0, sizeof *f);
+  return f;
+}
+
+static void fiber_free(fb_fiber_t *f) {
+  if (S.nfree_fibers >= FREE_FIBERS_MAX) {
+    free(f);
+    return;
+  }
+  f->live_next = S.free_fibers;
+  S.free_fibers = f;
+  S.nfree_fibers++;
+}
+
+/* Pushes f's handle, making it (anchored while f is alive) on first use. */
+static void push_handle(lua_State *L, fb_fiber_t *f) {
+  fiber_box_t *b;
+  int t;
+  if (f->box) {
+    fb_push_anchored(L, f->self_ref);
+    return;
+  }
+  b = lua_newuserdata(L, sizeof *b);
+  b->magic = FIBER_MAGIC;
+  b->f = f;
+  b->id = f->id;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
+  lua_setmetatable(L, -2);
+  t = fb_anchors_push(L);
+  lua_pushvalue(L, -2);
+  f->self_ref = fb_anchor(L, t);
+  lua_pop(L, 1);
+  f->box = b;
+}
+
+/* Creates a fiber from the function below nargs arguments on L's top (popping them). */
+fb_fiber_t *fb_fiber_start(lua_State *L, int nargs) {
   fb_fiber_t *f;
   lua_State *co;
   int t;
 
-  f = lua_newuserdata(L, sizeof *f);         /* stack: fn args... ud */
-  memset(f, 0, sizeof *f);
-  f->magic = FIBER_MAGIC;
+  if (!(f = fiber_alloc())) luaL_error(L, "fibril: out of memory starting a fiber");
   f->co_ref = f->self_ref = f->err_ref = f->ctx_ref = NO_SLOT;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
-  lua_setmetatable(L, -2);
-  t = fb_anchors_push(L);                       /* stack: fn args... ud anchors */
+  t = fb_anchors_push(L);                       /* stack: fn args... anchors */
   if (S.npool > 0) {
     S.npool--;
     co = S.pool[S.npool];                    /* already anchored by its old slot */
     f->co_ref = S.pool_ref[S.npool];
   } else {
-    co = lua_newthread(L);                   /* stack: fn args... ud anchors co */
+    co = lua_newthread(L);                   /* stack: fn args... anchors co */
     f->co_ref = fb_anchor(L, t);
   }
   f->co = co;
-  lua_pushvalue(L, -2);
-  f->self_ref = fb_anchor(L, t);
   /* A fiber scheduled from inside a unit of work inherits its context (log tags, locals). */
   if (S.current && S.current->co == L && S.current->ctx_ref != NO_SLOT) {
     lua_rawgeti(L, t, S.current->ctx_ref);
     f->ctx_ref = fb_anchor(L, t);
   }
-  lua_pop(L, 1);                             /* stack: fn args... ud */
-  lua_insert(L, -(nargs + 2));               /* stack: ud fn args... */
-  lua_xmove(L, co, nargs + 1);               /* stack: ud */
+  lua_pop(L, 1);                             /* stack: fn args... */
+  lua_xmove(L, co, nargs + 1);               /* stack: (empty) */
   f->id = ++S.next_id;
   f->nargs = nargs;
   f->state = FS_SCHEDULED;
@@ -305,6 +362,13 @@ fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
   S.live = f;
   S.live_fibers++;
   queue_push(f);
+  return f;
+}
+
+/* The same, and pushes its handle. */
+fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
+  fb_fiber_t *f = fb_fiber_start(L, nargs);
+  push_handle(L, f);
   return f;
 }
 
@@ -382,13 +446,36 @@ static void report_main_error(fb_fiber_t *f) {
   lua_pop(S.L, 2);
 }
 
+/* A finished fiber that no handle can read any more: an error nobody awaited is logged, and
+ * its results and error are released. */
+static void release_finished(lua_State *L, fb_fiber_t *f) {
+  int t;
+  if (f->state == FS_FAILED && !f->err_observed) {
+    char msg[8192];
+    size_t len = 0;
+    const char *s;
+    f->err_observed = 1;
+    fb_push_anchored(L, f->err_ref);
+    s = fb_error_describe(L, &len);
+    fb_log(FB_ERROR, "fiber", "msg=\"fiber failed and was never awaited\" fiber=%llu err=%s",
+           (unsigned long long)f->id, fb_log_quote(msg, sizeof msg, s, len));
+    lua_pop(L, 2);
+  }
+  t = fb_anchors_push(L);
+  fb_unanchor(L, t, f->co_ref);
+  fb_unanchor(L, t, f->err_ref);
+  lua_pop(L, 1);
+  f->co_ref = f->err_ref = NO_SLOT;
+  f->co = NULL;
+}
+
 static void fiber_finish(fb_fiber_t *f, int ok) {
   fb_fiber_t *j;
   int k = 0, cancelled = 0, t;
 
   if (ok) {
     f->state = FS_DONE;
-    k = lua_gettop(f->co);
+    k = f->box ? lua_gettop(f->co) : 0;      /* without a handle nobody can read them */
   } else {
     f->state = FS_FAILED;
     cancelled = fiber_capture_error(f);
@@ -427,7 +514,7 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   }
   if (cancelled) f->err_observed = 1;        /* cancellation is asked for, not a fault */
 
-  if (!ok || k > 0) {                        /* refs to release: __gc from now on */
+  if (f->box && (!ok || k > 0)) {            /* refs to release: __gc from now on */
     lua_rawgeti(S.L, t, f->self_ref);
     lua_rawgeti(S.L, LUA_REGISTRYINDEX, S.mt_gc_ref);
     lua_setmetatable(S.L, -2);
@@ -453,6 +540,13 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   f->self_ref = NO_SLOT;
   lua_settop(S.L, t - 1);
   S.live_fibers--;
+  if (!f->box) {                   /* nothing can reach it: say what failed, then recycle */
+    release_finished(S.L, f);
+    fiber_free(f);
+  } else if (ok && k == 0) {       /* the handle answers "done" on its own */
+    f->box->f = NULL;
+    fiber_free(f);
+  }
 }
 
 static void fiber_resume(fb_fiber_t *f) {
@@ -511,7 +605,7 @@ static int l_spawn(lua_State *L) {
 static int l_current(lua_State *L) {
   fb_fiber_t *f = S.current;
   if (!f || f->co != L) return 0;
-  fb_push_anchored(L, f->self_ref);
+  push_handle(L, f);
   return 1;
 }
 
@@ -520,6 +614,10 @@ static int l_current(lua_State *L) {
 static int l_join(lua_State *L) {
   fb_fiber_t *t = check_fiber(L, 1, "fibril.await"), *f, *c;
   double timeout = opt_timeout(L, 2, "fibril.await");
+  if (!t) {                                  /* done, with no results */
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   if (t->state == FS_DONE) {
     int k = result_count(t);
     lua_pushboolean(L, 1);
@@ -578,7 +676,7 @@ static int l_park(lua_State *L) {
 static int l_wake(lua_State *L) {
   fb_fiber_t *t = check_fiber(L, 1, "fibril.wake");
   int n = lua_gettop(L) - 1;
-  if (t->state != FS_SUSPENDED || t->wait != W_PARK) {
+  if (!t || t->state != FS_SUSPENDED || t->wait != W_PARK) {
     lua_pushboolean(L, 0);
     return 1;
   }
@@ -608,7 +706,8 @@ int fb_fiber_cancel(fb_fiber_t *t) {
 }
 
 static int l_cancel(lua_State *L) {
-  lua_pushboolean(L, fb_fiber_cancel(check_fiber(L, 1, "fibril.cancel")));
+  fb_fiber_t *t = check_fiber(L, 1, "fibril.cancel");
+  lua_pushboolean(L, t && fb_fiber_cancel(t));
   return 1;
 }
 
@@ -617,6 +716,10 @@ static const char *state_names[] = { "scheduled", "ready", "running", "suspended
 
 static int l_status(lua_State *L) {
   fb_fiber_t *t = check_fiber(L, 1, "fiber:status");
+  if (!t) {
+    lua_pushstring(L, state_names[FS_DONE]);
+    return 1;
+  }
   if (t->state == FS_FAILED) {
     fb_push_anchored(L, t->err_ref);
     lua_getfield(L, -1, "code");
@@ -631,37 +734,25 @@ static int l_status(lua_State *L) {
 }
 
 static int l_id(lua_State *L) {
-  lua_pushnumber(L, (lua_Number)check_fiber(L, 1, "fiber:id")->id);
+  lua_pushnumber(L, (lua_Number)check_box(L, 1, "fiber:id")->id);
   return 1;
 }
 
 static int l_fiber_tostring(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1, "tostring");
-  lua_pushfstring(L, "fiber %d (%s)", (int)t->id, state_names[t->state]);
+  fiber_box_t *b = check_box(L, 1, "tostring");
+  lua_pushfstring(L, "fiber %d (%s)", (int)b->id, state_names[b->f ? b->f->state : FS_DONE]);
   return 1;
 }
 
 /* One idempotent release for a finished fiber's handle that Lua no longer reaches (live
  * fibers have no __gc: fb_sched_shutdown closes their timers before lua_close). */
 static int l_fiber_gc(lua_State *L) {
-  fb_fiber_t *f = check_fiber(L, 1, "__gc");
-  int t;
-  if (f->state == FS_FAILED && !f->err_observed) {
-    char msg[8192];
-    size_t len = 0;
-    const char *s;
-    f->err_observed = 1;
-    fb_push_anchored(L, f->err_ref);
-    s = fb_error_describe(L, &len);
-    fb_log(FB_ERROR, "fiber", "msg=\"fiber failed and was never awaited\" fiber=%llu err=%s",
-           (unsigned long long)f->id, fb_log_quote(msg, sizeof msg, s, len));
-    lua_pop(L, 2);
-  }
-  t = fb_anchors_push(L);
-  fb_unanchor(L, t, f->co_ref);
-  fb_unanchor(L, t, f->err_ref);
-  f->co_ref = f->err_ref = NO_SLOT;
-  f->co = NULL;
+  fiber_box_t *b = check_box(L, 1, "__gc");
+  fb_fiber_t *f = b->f;
+  if (!f) return 0;
+  b->f = NULL;
+  release_finished(L, f);
+  fiber_free(f);
   return 0;
 }
 
@@ -870,4 +961,15 @@ void fb_sched_close(void) {
   S.q = NULL;
   fb_anchor_close();
   S.qlen = S.qcap = S.qhead = 0;
+  while (S.live) {                           /* fibers still alive when the state closed */
+    fb_fiber_t *f = S.live;
+    S.live = f->live_next;
+    free(f);
+  }
+  while (S.free_fibers) {
+    fb_fiber_t *f = S.free_fibers;
+    S.free_fibers = f->live_next;
+    free(f);
+  }
+  S.nfree_fibers = 0;
 }

@@ -33,6 +33,9 @@ void fb_sched_run_ready(void);
 /* Creates a fiber running the function below nargs arguments on L's top (they are moved into
  * it) and pushes its handle; it starts on the next loop turn. Callable outside any fiber. */
 fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs);
+/* The same without a handle (none is made unless the fiber asks for fibril.current()): its
+ * results are dropped, and an error it ends with is logged. The HTTP server's request fibers. */
+fb_fiber_t *fb_fiber_start(lua_State *L, int nargs);
 
 /* Raises a clear Lua error unless L is the running fiber and may yield here; raises the
  * "cancelled" error when the fiber was cancelled since it last suspended. */

@@ -479,8 +479,8 @@ static void dispatch(fb_http_conn_t *c) {
   }
   if (c->body.len) lua_pushlstring(L, c->body.data, c->body.len);
   else lua_rawgeti(L, strings, S_EMPTY);
-  fb_fiber_spawn(L, 10);
-  lua_settop(L, strings - 1);                /* the fiber handle and the strings */
+  fb_fiber_start(L, 10);
+  lua_settop(L, strings - 1);                /* the strings */
   spans_put(c);
   if (c->body.cap > 65536) fb_buf_free(&c->body);   /* do not keep a big body per connection */
 }
