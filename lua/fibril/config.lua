@@ -30,6 +30,10 @@ local function seconds(v)   -- NaN and inf fail too: every timeout is a real dea
   if not (v > 0 and v < huge) then return "a positive number of seconds" end
 end
 
+local function gc_percent(v)   -- collectgarbage("setpause"/"setstepmul"): 100 at least
+  if not (integer(v) and v >= 100 and v <= 10000) then return "a whole number from 100 to 10000" end
+end
+
 local function non_empty(v)
   if v == "" then return "a non-empty string" end
 end
@@ -66,6 +70,8 @@ local SCHEMA = {
   ["log.level"]              = { "string",  "info",      one_of("debug", "info", "warn", "error") },
   ["log.format"]             = { "string",  "text",      one_of("text", "json") },
   ["log.access"]             = { "boolean", true },       -- one line per HTTP request on stdout
+  ["gc.pause"]               = { "number",  150,         gc_percent },  -- fibril run only
+  ["gc.stepmul"]             = { "number",  100,         gc_percent },
   ["http.max_header_bytes"]  = { "number",  16384,       positive_integer },
   ["http.max_body_bytes"]    = { "number",  1048576,     positive_integer },
   ["http.max_url_bytes"]     = { "number",  8192,        positive_integer },

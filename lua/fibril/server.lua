@@ -146,6 +146,10 @@ end
 --- Runs the app in this process until a signal drains it: the server, the reloader in
 --- development, the daemons that belong here. Returns the exit status.
 function M.run(app)
+  -- The collector's pace for a serving process (docs/http.md, "Garbage collection"): smaller
+  -- steps, spread over more requests, than LuaJIT's 200/200.
+  collectgarbage("setpause", app.config.gc.pause)
+  collectgarbage("setstepmul", app.config.gc.stepmul)
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
   require("fibril.pg").configure(app.config.database)   -- connects on first use only
