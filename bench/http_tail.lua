@@ -4,7 +4,8 @@
 -- this shared machine moves both sides of a pair alike).
 --   fibril bench/http_tail.lua ROUNDS_FILE
 local rows, order = {}, {}
-for line in io.lines(assert(arg[1], "usage: fibril bench/http_tail.lua ROUNDS_FILE")) do
+local path = assert(arg[1], "usage: fibril bench/http_tail.lua ROUNDS_FILE")
+for line in io.lines(path) do
   local name, rest = line:match("^(%S+)%s+(.*)$")
   if name then
     local r = {}
