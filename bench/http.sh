@@ -30,7 +30,7 @@ for path in /hello /json; do
     echo "-- $path: fibril vs $1"
     "$HARNESS/http-compare.sh" --a "http://127.0.0.1:$FB_PORT" --b "http://127.0.0.1:$2" \
       --a-name fibril --b-name "$1" --path "$path" --conns 64 --threads 1 \
-      --duration "$DURATION" --rounds "$ROUNDS" | grep -E 'median|ratio|p99' || true
+      --duration "$DURATION" --rounds "$ROUNDS" | grep -E 'median|ratio|http://' || true
   done
 done
 
