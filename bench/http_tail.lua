@@ -2,7 +2,8 @@
 -- "TARGET key=value ..." (one wrk run); prints each target's medians, then each target's
 -- p99 and req/s against the first target's in the same round (paired ratios: the noise of
 -- this shared machine moves both sides of a pair alike).
---   fibril bench/http_tail.lua ROUNDS_FILE
+--   fibril bench/http_tail.lua ROUNDS_FILE [BASE]   (BASE: the target paired against; default
+--   "fibril" when there is one, else the first target in the file)
 local rows, order = {}, {}
 local path = assert(arg[1], "usage: fibril bench/http_tail.lua ROUNDS_FILE")
 for line in io.lines(path) do
@@ -36,11 +37,12 @@ for _, name in ipairs(order) do
     median(column(name, "p90")), median(column(name, "p99")), median(column(name, "p99.9"))))
 end
 
-local base = order[1]
+local base = arg[2] or (rows.fibril and "fibril") or order[1]
 print(("paired against %s, round by round (median ratio; rounds where the target's p99 was lower):")
       :format(base))
-for i = 2, #order do
-  local name, p99, rps, lower = order[i], {}, {}, 0
+for _, name in ipairs(order) do
+  if name == base then goto continue end
+  local p99, rps, lower = {}, {}, 0
   for k, r in ipairs(rows[name]) do
     local b = rows[base][k]
     if b then
@@ -51,4 +53,5 @@ for i = 2, #order do
   end
   print(("  %-20s p99 %.2fx  req/s %.2fx  (p99 lower in %d of %d rounds)"):format(name,
         median(p99), median(rps), lower, #p99))
+  ::continue::
 end

@@ -2,7 +2,7 @@
 # bench/http_tail.sh: the latency tail of apps/hello (one process) under wrk's 64 keep-alive
 # connections, as fibril runs by default and with each of its tail measures turned off, against
 # nginx + Lua, all interleaved round by round (the machine's noise hits every target alike):
-#   fibril                 defaults: edge-triggered reads, gc.pause 150 / gc.stepmul 100
+#   fibril                 defaults: edge-triggered reads, gc.pause 120 / gc.stepmul 100
 #   fibril-level           FIBRIL_HTTP_LEVEL=1: libuv's level-triggered registration
 #   fibril-gc-200-200      LuaJIT's collector pace (apps/hello's bench_gc_luajit environment)
 #   nginx-lua              the peer (../shared/bench)
@@ -33,8 +33,11 @@ echo "== HTTP latency tail: $URL_PATH, wrk 1 thread, 64 connections, ${DURATION}
 for k in "${!ports[@]}"; do       # warm-up: the JIT and the peers' caches
   wrk -t1 -c64 -d1s "http://127.0.0.1:${ports[$k]}$URL_PATH" >/dev/null
 done
-for _ in $(seq "$ROUNDS"); do
-  for k in "${!ports[@]}"; do
+n=${#ports[@]}
+for r in $(seq "$ROUNDS"); do
+  # Each round starts one target further on: where a run falls in the round biases it.
+  for j in $(seq 0 $((n - 1))); do
+    k=$(( (j + r) % n ))
     echo "${names[$k]} $(wrk -t1 -c64 -d"${DURATION}s" -s bench/wrk_percentiles.lua \
                           "http://127.0.0.1:${ports[$k]}$URL_PATH" | tail -1)" >>"$rounds"
   done

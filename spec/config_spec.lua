@@ -28,7 +28,7 @@ local DESIGN_DEFAULTS = {
   host = "127.0.0.1", port = 3000, workers = 1,
   reload = true,
   log = { level = "info", format = "text", access = true },
-  gc = { pause = 150, stepmul = 100 },
+  gc = { pause = 120, stepmul = 100 },
   http = {
     max_header_bytes = 16384,
     max_body_bytes   = 1048576,

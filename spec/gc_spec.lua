@@ -30,8 +30,8 @@ local function pace(dir)
 end
 
 describe("the collector's pace in a served app", function()
-  it("is gc.pause 150 and gc.stepmul 100 by default", function()
-    assert.are.same({ pause = 150, stepmul = 100 }, pace(app("gc_default", "return {}\n")))
+  it("is gc.pause 120 and gc.stepmul 100 by default", function()
+    assert.are.same({ pause = 120, stepmul = 100 }, pace(app("gc_default", "return {}\n")))
   end)
 
   it("follows gc.pause and gc.stepmul from config/app.lua", function()
