@@ -4,10 +4,11 @@
  * connections that serves them unfairly: epoll puts a level-triggered socket it has just
  * reported back on its ready list at once, so the connections of one turn are reported
  * first again on the next, ahead of connections that became ready earlier, and the latency
- * spread widens (wrk, 64 connections: p90 0.78 against 0.70 ms, p99 1.25 against 1.10 ms;
- * docs/benchmarks.md). nginx registers its sockets edge-triggered: a socket joins the ready
- * list when data arrives, in arrival order. This file does the same for an HTTP connection
- * while libuv's registration of it is the plain one, reading only.
+ * spread widens (wrk, 64 connections on /hello: p99 1.31x edge-triggered's, worse in 8 of 8
+ * rounds; bench/http_tail.sh, docs/benchmarks.md). nginx registers its sockets
+ * edge-triggered: a socket joins the ready list when data arrives, in arrival order. This
+ * file does the same for an HTTP connection while libuv's registration of it is the plain
+ * one, reading only.
  *
  * It rewrites the registration behind libuv's back (epoll_ctl on the loop's backend fd, with
  * the same data.fd libuv's epoll backend uses), so it keeps to what libuv relies on:
@@ -28,7 +29,7 @@
 #ifdef __linux__
 #include <sys/epoll.h>
 
-static int disabled = -1;           /* FIBRIL_HTTP_LEVEL=1: libuv's registration (A/B runs) */
+static int disabled = -1;   /* FIBRIL_HTTP_LEVEL set (to anything): libuv's registration (A/B) */
 
 static int set_events(fb_http_conn_t *c, uint32_t events) {
   struct epoll_event e;
