@@ -34,7 +34,9 @@ compare() {   # NAME_A PORT_A NAME_B PORT_B PATH: prints the summary rows; sets 
   echo "$out" | grep -E 'median|http://' | grep -v '^http-compare' || true
   RATIO=$(echo "$out" | awk '/^ratio A\/B:/ { print $3 }')
   P99_FIBRIL+=" $(echo "$out" | awk '$1 == "fibril" && / ms / { print $(NF - 2) }')"
-  P99_PEER+=" $(echo "$out" | awk -v p="${1/fibril/$3}" '$1 == p && / ms / { print $(NF - 2) }')"
+  local peer=$1
+  [ "$peer" = fibril ] && peer=$3
+  P99_PEER+=" $(echo "$out" | awk -v p="$peer" '$1 == p && / ms / { print $(NF - 2) }')"
 }
 echo "== HTTP throughput: wrk, 1 thread, 64 connections, ${DURATION}s x ${ROUNDS} rounds per target, each order ($(nproc) cores)"
 for path in /hello /json; do

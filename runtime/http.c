@@ -127,9 +127,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   if (nread == 0) return;
   if (nread < 0) {
     c->peer_eof = 1;
-    uv_read_stop(s);
-    c->reading = 0;
-    fb_http_edge_lost(c);
+    fb_http_stop_reading(c);
     fb_http_wake_close_waiter(c, "eof");   /* a stream ends when its client leaves */
     if (c->stream_detached) {          /* no fiber watches it: the client left, close now */
       fb_http_conn_close(c);
@@ -147,11 +145,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
       fb_http_conn_close(c);         /* out of memory: nothing sane to answer */
       return;
     }
-    if (c->pending.len > c->srv->limits.max_header_bytes) {
-      uv_read_stop(s);
-      c->reading = 0;
-      fb_http_edge_lost(c);
-    }
+    if (c->pending.len > c->srv->limits.max_header_bytes) fb_http_stop_reading(c);
     return;
   }
   if (c->state == CS_CLOSING) return;
@@ -161,13 +155,19 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 
 static void start_reading(fb_http_conn_t *c) {
   if (c->reading || c->peer_eof || c->state == CS_CLOSING) return;
-  fb_http_edge_lost(c);
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
 }
 
-void fb_http_restart_reading(fb_http_conn_t *c) {
-  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+/* Every stop goes through here: libuv registers the socket anew when reading starts again,
+ * so an edge-triggered registration (http_edge.c) is gone with it. */
+void fb_http_stop_reading(fb_http_conn_t *c) {
+  uv_read_stop((uv_stream_t *)&c->tcp);
   c->reading = 0;
+  fb_http_edge_lost(c);
+}
+
+void fb_http_restart_reading(fb_http_conn_t *c) {
+  fb_http_stop_reading(c);
   start_reading(c);
 }
 

@@ -105,7 +105,9 @@ void fb_http_conn_close(fb_http_conn_t *c);   /* idempotent; frees after the clo
 /* The response is complete: log it, then read the next request or close. */
 void fb_http_request_done(fb_http_conn_t *c);
 
-/* Stops and starts reading again: libuv registers the socket anew. */
+/* Stops reading (the edge-triggered registration goes with it); restarting registers the
+ * socket anew with libuv. */
+void fb_http_stop_reading(fb_http_conn_t *c);
 void fb_http_restart_reading(fb_http_conn_t *c);
 
 /* http_edge.c: edge-triggered reads (why and the rules: the file's opening comment). */

@@ -172,9 +172,7 @@ void fb_http_send_error(fb_http_conn_t *c, int status) {
                    "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %zu\r\n"
                    "Connection: close\r\n\r\n%s\n",
                    status, reason, date_header(), strlen(reason) + 1, reason);
-  uv_read_stop((uv_stream_t *)&c->tcp);
-  c->reading = 0;
-  fb_http_edge_lost(c);
+  fb_http_stop_reading(c);
   fb_http_arm_timer(c, 0);
   c->status = status;
   c->state = CS_CLOSING;

@@ -134,6 +134,19 @@ function M.connect(port)
   return require("fibril.tcp").connect("127.0.0.1", port, { timeout = 5 })
 end
 
+--- Sends a GET for each of paths back to back in one write on a new connection (pipelined),
+--- then reads as many responses; returns their bodies in order.
+function M.pipeline(port, paths)
+  local parts = {}
+  for i, path in ipairs(paths) do parts[i] = "GET " .. path .. " HTTP/1.1\r\nHost: t\r\n\r\n" end
+  local sock = M.connect(port)
+  sock:write(table.concat(parts))
+  local bodies = {}
+  for i = 1, #paths do bodies[i] = M.read_response(sock).body end
+  sock:close()
+  return bodies
+end
+
 --- Sends raw bytes on a new connection and returns the first response (and the socket).
 function M.raw(port, bytes, head)
   local sock = M.connect(port)
