@@ -75,6 +75,8 @@ struct fb_fiber_s {
   fb_fiber_t *live_next, *live_prev;   /* S.live while alive; S.free_fibers once recycled */
   fb_fiber_cancel_cb on_cancel;
   void *on_cancel_data;
+  fb_fiber_done_cb on_done;
+  uint64_t done_arg;
 };
 
 static struct {
@@ -365,6 +367,11 @@ fb_fiber_t *fb_fiber_start(lua_State *L, int nargs) {
   return f;
 }
 
+void fb_fiber_on_done(fb_fiber_t *f, fb_fiber_done_cb cb, uint64_t arg) {
+  f->on_done = cb;
+  f->done_arg = arg;
+}
+
 /* The same, and pushes its handle. */
 fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
   fb_fiber_t *f = fb_fiber_start(L, nargs);
@@ -495,6 +502,11 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   timer_close(f);
   f->on_cancel = NULL;
   f->wait = W_NONE;
+  if (f->on_done) {
+    fb_fiber_done_cb cb = f->on_done;
+    f->on_done = NULL;
+    cb(f->done_arg);
+  }
 
   /* Wake every fiber awaiting this one with (true, results...) or (false, err). */
   while ((j = f->joiners) != NULL) {

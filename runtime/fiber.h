@@ -9,6 +9,7 @@
 #define FB_FIBER_H
 
 #include <lua.h>
+#include <stdint.h>
 #include <uv.h>
 
 typedef struct fb_fiber_s fb_fiber_t;
@@ -36,6 +37,11 @@ fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs);
 /* The same without a handle (none is made unless the fiber asks for fibril.current()): its
  * results are dropped, and an error it ends with is logged. The HTTP server's request fibers. */
 fb_fiber_t *fb_fiber_start(lua_State *L, int nargs);
+
+/* Called once when f finishes, however it ends (returned, raised, cancelled), before its
+ * struct is recycled: the HTTP server checks that the request it ran was answered. */
+typedef void (*fb_fiber_done_cb)(uint64_t arg);
+void fb_fiber_on_done(fb_fiber_t *f, fb_fiber_done_cb cb, uint64_t arg);
 
 /* Raises a clear Lua error unless L is the running fiber and may yield here; raises the
  * "cancelled" error when the fiber was cancelled since it last suspended. */

@@ -94,6 +94,7 @@ void fb_http_conn_close(fb_http_conn_t *c) {
   c->state = CS_CLOSING;
   spans_put(c);
   fb_http_detach_response(c);      /* the handler's res object now reports closed */
+  fb_http_token_detach(c);         /* ... and so does its token */
   fb_http_wake_close_waiter(c, "closed");
   if (c->write_waiter) {
     fb_fiber_t *f = c->write_waiter;
@@ -174,12 +175,14 @@ void fb_http_restart_reading(fb_http_conn_t *c) {
 static void on_connection(uv_stream_t *ls, int status) {
   fb_http_server_t *srv = ls->data;
   fb_http_conn_t *c;
+  const char *reason;
   if (status < 0) {
     HTTP_WARN("reason=accept_failed err=%s", uv_strerror(status));
     return;
   }
   c = calloc(1, sizeof *c);
   if (!c) return;                  /* the connection stays in the backlog */
+  c->slot = FB_HTTP_NO_SLOT;
   uv_tcp_init(H.loop, &c->tcp);
   if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0) {
     c->closes = 1;
@@ -205,9 +208,11 @@ static void on_connection(uv_stream_t *ls, int status) {
   llhttp_init(&c->parser, HTTP_REQUEST, &H.settings);
   c->parser.data = c;
   c->state = CS_IDLE;
-  if (srv->nconns > srv->limits.max_connections || srv->draining) {
-    HTTP_WARN("conn=%u reason=%s status=503", c->id,
-           srv->draining ? "draining" : "max_connections");
+  reason = srv->draining ? "draining"
+           : srv->nconns > srv->limits.max_connections ? "max_connections"
+           : fb_http_token_attach(c) != 0 ? "out_of_connection_slots" : NULL;
+  if (reason) {
+    HTTP_WARN("conn=%u reason=%s status=503", c->id, reason);
     fb_http_send_error(c, 503);
     return;
   }
@@ -413,12 +418,27 @@ static void set_request_id(fb_http_conn_t *c) {
   }
 }
 
-/* Spawns handler(req, res) in a new fiber: res is a userdata, req a table request_entry makes. */
+/* A request fiber of a tokens server ended: if its request is still current and no response
+ * object was made for it (that one's __gc decides), nothing can answer it any more. The
+ * framework's handler always answers; this is for a failure in the framework itself. */
+static void request_fiber_done(uint64_t token) {
+  fb_http_conn_t *c = fb_http_token_conn(token);
+  if (!c || c->res_box) return;
+  fb_log(FB_ERROR, "http", "conn=%u req=%s reason=handler_ended_without_response", c->id,
+         c->request_id);
+  if (c->head_sent) fb_http_conn_close(c);
+  else fb_http_send_error(c, 500);
+}
+
+/* Spawns handler(req, res) in a new fiber: req is a table request_entry makes, res a response
+ * userdata, or for a tokens server the request's token (http_token.c). */
 static void dispatch(fb_http_conn_t *c) {
   lua_State *L = H.L;
   const char *url = c->head.data, *q;
   size_t path_len;
   int i, strings;
+  fb_fiber_t *f;
+  uint64_t token = 0;
 
   set_request_id(c);
   q = memchr(url, '?', c->url_len);
@@ -440,7 +460,8 @@ static void dispatch(fb_http_conn_t *c) {
   strings = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, H.entry_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->srv->handler_ref);
-  fb_http_push_response(L, c);               /* stack: strings entry handler res */
+  if (c->srv->tokens) lua_pushnumber(L, (lua_Number)(token = fb_http_token_begin(c)));
+  else fb_http_push_response(L, c);          /* stack: strings entry handler res */
   lua_rawgeti(L, strings, S_METHODS + c->method_id);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
@@ -479,7 +500,8 @@ static void dispatch(fb_http_conn_t *c) {
   }
   if (c->body.len) lua_pushlstring(L, c->body.data, c->body.len);
   else lua_rawgeti(L, strings, S_EMPTY);
-  fb_fiber_start(L, 10);
+  f = fb_fiber_start(L, 10);
+  if (token) fb_fiber_on_done(f, request_fiber_done, token);
   lua_settop(L, strings - 1);                /* the strings */
   spans_put(c);
   if (c->body.cap > 65536) fb_buf_free(&c->body);   /* do not keep a big body per connection */
@@ -538,6 +560,7 @@ void fb_http_request_done(fb_http_conn_t *c) {
   if (c->srv->access_log) fb_http_access_log(c);
   c->status = 0;                     /* parse() reads a non-zero status as "a limit was hit" */
   fb_http_detach_response(c);
+  c->token = 0;
   if (!c->keep_alive || c->srv->draining || (c->peer_eof && c->pending.len == 0)) {
     c->state = CS_CLOSING;           /* closed once the response has left (http_write.c) */
     if (c->write_queued == 0) fb_http_conn_close(c);
@@ -713,7 +736,9 @@ static int l_listen(lua_State *L) {
   lua_pop(L, 5);
   lua_getfield(L, 1, "access_log");
   srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
-  lua_pop(L, 1);
+  lua_getfield(L, 1, "tokens");
+  srv->tokens = lua_toboolean(L, -1);
+  lua_pop(L, 2);
   if (set_required_header(L, srv) != 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, srv->handler_ref);
     free(srv->required_name);
@@ -786,8 +811,11 @@ static const luaL_Reg server_methods[] = {
 };
 
 int luaopen_fibril_core_http(lua_State *L) {
-  static const luaL_Reg funcs[] = { { "listen", l_listen }, { "live", l_live },
-                                    { "head_lines", fb_http_l_head_lines }, { NULL, NULL } };
+  static const luaL_Reg funcs[] = {
+    { "listen", l_listen }, { "live", l_live }, { "head_lines", fb_http_l_head_lines },
+    { "send", fb_http_l_send }, { "response", fb_http_l_response }, { "remote", fb_http_l_remote },
+    { NULL, NULL }
+  };
   if (luaL_newmetatable(L, SERVER_MT)) {
     lua_newtable(L);
     luaL_setfuncs(L, server_methods, 0);
@@ -799,7 +827,7 @@ int luaopen_fibril_core_http(lua_State *L) {
   lua_newtable(L);
   luaL_setfuncs(L, funcs, 0);
   luaopen_fibril_core_http_response(L);
-  lua_setfield(L, -2, "response");
+  lua_setfield(L, -2, "response_mt");
   return 1;
 }
 
@@ -824,6 +852,7 @@ void fb_http_shutdown(void) {
   }
   while (span_pool_n > 0) free(span_pool[--span_pool_n]);   /* after the closes returned theirs */
   fb_http_write_shutdown();
+  fb_http_token_shutdown();
 }
 
 void fb_http_init(lua_State *L, uv_loop_t *loop) {

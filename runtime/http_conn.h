@@ -33,6 +33,7 @@ struct fb_http_server_s {
   size_t required_value_len;
   uint64_t refused;         /* requests answered 403 for that header */
   int access_log;           /* write one line per request to stdout */
+  int tokens;               /* listen{ tokens = true }: handler(req, token) (http_token.c) */
   unsigned nconns, next_conn_id;
   fb_http_conn_t *conns;    /* every open connection (next/prev), for drain and close */
   int listening, draining;
@@ -93,6 +94,8 @@ struct fb_http_conn_s {
   fb_fiber_t *close_cancels; /* res:cancel_on_close's fiber: cancelled when the client leaves */
   int stream_detached;      /* res:detach: no fiber holds the response; EOF closes at once */
   void *res_box;            /* the Lua response userdata pointing here; NULLed on close */
+  uint32_t slot;            /* index in the token table (http_token.c), or FB_HTTP_NO_SLOT */
+  uint64_t token;           /* the current request's token, or 0 */
   char request_id[64];
   size_t request_id_len;
   char method[24];
@@ -114,6 +117,15 @@ void fb_http_restart_reading(fb_http_conn_t *c);
 void fb_http_edge_arm(fb_http_conn_t *c);         /* after a read that emptied the socket */
 void fb_http_edge_full_read(fb_http_conn_t *c);   /* a read filled the buffer: level again */
 void fb_http_edge_lost(fb_http_conn_t *c);        /* libuv is about to register it anew */
+
+/* http_token.c: requests named by a number (slot + generation) instead of a userdata. */
+#define FB_HTTP_NO_SLOT UINT32_MAX
+int fb_http_token_attach(fb_http_conn_t *c);         /* at accept; -1 when no slot is left */
+void fb_http_token_detach(fb_http_conn_t *c);        /* at close: every token of c ends */
+uint64_t fb_http_token_begin(fb_http_conn_t *c);     /* a new request: its token */
+fb_http_conn_t *fb_http_token_conn(uint64_t token);  /* NULL unless the request is current */
+fb_http_conn_t *fb_http_check_token(lua_State *L, int idx);   /* the same for a Lua value */
+void fb_http_token_shutdown(void);
 
 /* http_timeout.c */
 /* The connection's timeout (header, body, keep-alive or send, by state): ms from now, 0 none. */
@@ -148,5 +160,10 @@ extern fb_log_limit_t fb_http_warn_limit;
 int fb_http_l_head_lines(lua_State *L);
 void fb_http_push_response(lua_State *L, fb_http_conn_t *c);   /* pushes a new res userdata */
 void fb_http_detach_response(fb_http_conn_t *c);   /* its res object reports closed from now */
+/* core.http.send(token, status, headers, body), response(token) and remote(token): the
+ * response calls of the token path (lua/fibril/server.lua). */
+int fb_http_l_send(lua_State *L);
+int fb_http_l_response(lua_State *L);
+int fb_http_l_remote(lua_State *L);
 
 #endif

@@ -385,23 +385,54 @@ static int check_status(lua_State *L, int idx) {
   return status;
 }
 
-/* res:send(status, headers, body) -> true | nil, "closed": the whole response at once. */
-static int l_res_send(lua_State *L) {
-  fb_http_conn_t *c = check_res(L);
+/* The whole response at once, from (status, headers, body) at 2, 3, 4: 1 when it left (or
+ * is queued), 0 when the connection is closed. */
+static int send_whole(lua_State *L, fb_http_conn_t *c) {
   int status = check_status(L, 2);
   size_t blen = 0;
   const char *body = luaL_optlstring(L, 4, "", &blen);
-  if (!c) return closed(L);
+  if (!c) return 0;
   if (c->head_sent) return luaL_error(L, "http: response already started");
   build_head(L, c, status, 3, (long long)blen);
   c->status = status;
   c->head_sent = c->res_done = 1;
   if (c->head_only || status < 200 || status == 204 || status == 304) blen = 0;
   c->bytes_sent = blen;
-  if (fb_http_write(c, scratch.data, scratch.len, body, blen) != 0) return closed(L);
+  if (fb_http_write(c, scratch.data, scratch.len, body, blen) != 0) return 0;
   fb_http_request_done(c);
+  return 1;
+}
+
+/* res:send(status, headers, body) -> true | nil, "closed": the whole response at once. */
+static int l_res_send(lua_State *L) {
+  if (!send_whole(L, check_res(L))) return closed(L);
   response_done(L);
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core.http.send(token, status, headers, body): res:send for the request the token names. */
+int fb_http_l_send(lua_State *L) {
+  if (!send_whole(L, fb_http_check_token(L, 1))) return closed(L);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core.http.response(token): the request's response object, made on demand (a stream, a
+ * static file, a function route); one reporting closed when the request is no longer current.
+ * Making a second one for the same request detaches the first. */
+int fb_http_l_response(lua_State *L) {
+  fb_http_conn_t *c = fb_http_check_token(L, 1);
+  if (c) {
+    fb_http_detach_response(c);
+    fb_http_push_response(L, c);
+  } else {
+    res_box_t *box = lua_newuserdata(L, sizeof *box);
+    box->magic = RES_MAGIC;
+    box->c = NULL;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.res_done_mt_ref);
+    lua_setmetatable(L, -2);
+  }
   return 1;
 }
 
@@ -627,8 +658,7 @@ static int l_res_started(lua_State *L) {
   return 1;
 }
 
-static int l_res_remote(lua_State *L) {
-  fb_http_conn_t *c = check_res(L);
+static int push_remote(lua_State *L, fb_http_conn_t *c) {
   struct sockaddr_storage a;
   char ip[64];
   int n = sizeof a, port;
@@ -644,6 +674,11 @@ static int l_res_remote(lua_State *L) {
   lua_pushinteger(L, port);
   return 2;
 }
+
+static int l_res_remote(lua_State *L) { return push_remote(L, check_res(L)); }
+
+/* core.http.remote(token) -> ip, port: res:remote for the request the token names. */
+int fb_http_l_remote(lua_State *L) { return push_remote(L, fb_http_check_token(L, 1)); }
 
 int luaopen_fibril_core_http_response(lua_State *L) {
   static const luaL_Reg methods[] = {

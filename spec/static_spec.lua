@@ -78,7 +78,7 @@ describe("static files from APP/public/", function()
     dir = make_app()
     package.loaded["controllers.home"] = nil  -- another spec's app may have loaded its own
     local app = require("fibril.app").load(dir, "test")
-    srv, port = support.http_server(require("fibril.server").handler(app))
+    srv, port = support.http_server(require("fibril.server").handler(app), { tokens = true })
     baseline = settled(live())
   end)
   teardown(function() srv:close() end)

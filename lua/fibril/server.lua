@@ -23,12 +23,30 @@ end
 M.log = log
 
 local TEXT = { ["Content-Type"] = "text/plain" }
+local token_send, token_response, token_remote = core_http.send, core_http.response,
+                                                 core_http.remote
 
--- req.remote_addr and req.remote_port are looked up (getpeername) only when read, through
--- req._res, the response object the HTTP core puts in every request table.
+-- The server listens with tokens (M.listen): each request comes with a number that names it,
+-- in req._res too, and a controller's response is sent through it (core.http.send), so no
+-- response userdata is made per request (runtime/http_token.c says why). What needs the
+-- response object (a stream, a static file, a function route) gets it here, made once.
+-- A server without tokens (core.http.listen in specs) hands the object itself.
+local function response(req)
+  local res = rawget(req, "_res")
+  if type(res) == "number" then
+    res = token_response(res)
+    rawset(req, "_res", res)
+  end
+  return res
+end
+M.response = response
+
+-- req.remote_addr and req.remote_port are looked up (getpeername) only when read.
 local request_mt = { __index = function(req, k)
   if k == "remote_addr" or k == "remote_port" then
-    local ip, port = rawget(req, "_res"):remote()
+    local res = rawget(req, "_res")
+    local ip, port
+    if type(res) == "number" then ip, port = token_remote(res) else ip, port = res:remote() end
     rawset(req, "remote_addr", ip)
     rawset(req, "remote_port", port)
     return rawget(req, k)
@@ -36,10 +54,17 @@ local request_mt = { __index = function(req, k)
 end }
 
 local respond = Controller.respond
-local SENT = {}                -- serve() returns it when res:send has answered the request
+local SENT = {}                -- serve() returns it when send has answered the request
+
+-- res: a token or a response object.
+local function send(res, status, headers, body)
+  if type(res) == "number" then return token_send(res, status, headers, body) end
+  return res:send(status, headers, body)
+end
 
 local function plain(res, status, body, headers)
-  res:send(status, headers or TEXT, body)
+  send(res, status, headers or TEXT, body)
+  return SENT
 end
 
 --- The function given to the HTTP server: handler(req, res), run in a fiber per request.
@@ -49,6 +74,7 @@ function M.handler(app)
   local development = app.env == "development" or app.env == "test"
 
   -- Read from app for every request: the reloader swaps router and controllers in place.
+  -- res: the request's token, or its response object (module comment above).
   local function serve(req, res)
     if app.load_error then
       -- The changed code does not load: say where, until the file is fixed.
@@ -56,10 +82,9 @@ function M.handler(app)
                                     .. "load:\n%s\n", req.id, app.load_error))
     end
     local router = app.router
-    if rawget(req, "_res") == nil then req._res = res end   -- a request table made in Lua
     setmetatable(req, request_mt)
     if app.public and (req.method == "GET" or req.method == "HEAD")
-       and static.serve(app, req, res) then return end
+       and static.serve(app, req, response(req)) then return end
     local route, params, allowed = router:match(req.method, req.path)
     if not route then
       if params == 405 then
@@ -68,14 +93,14 @@ function M.handler(app)
       end
       return plain(res, 404, "Not Found\n")
     end
-    if route.handler then return route.handler(req, res, params) end
+    if route.handler then return route.handler(req, response(req), params) end
     local status, headers, body, stream = respond(app.controllers[route.controller], route.action,
                                                   req, params, route.controller)
     if stream then
-      require("fibril.sse").serve(req, res, stream, headers)
+      require("fibril.sse").serve(req, response(req), stream, headers)
       return SENT
     end
-    res:send(status, headers, body)
+    send(res, status, headers, body)
     return SENT
   end
 
@@ -83,9 +108,11 @@ function M.handler(app)
   -- fiber the HTTP server spawned for it.
   local call = executor.call_new_fiber
   return function(req, res)
+    if rawget(req, "_res") == nil then req._res = res end   -- a request table made in Lua
     local ok, err = call(serve, req.id, req, res)    -- err: serve's result when ok
+    if ok and err == SENT then return end      -- answered (or the client left) by send
+    res = response(req)                        -- the object: whatever the route left undone
     if ok then
-      if err == SENT then return end           -- answered (or the client left) by res:send
       -- A function route that forgot to answer must not leave the client waiting forever.
       if not res:started() then
         log("error", "handler returned without a response", { req = req.id, path = req.path })
@@ -114,7 +141,7 @@ end
 function M.listen(app, handler)
   local cfg, http = app.config, app.config.http
   local server, err = core_http.listen{
-    host = cfg.host, port = cfg.port, handler = handler or M.handler(app),
+    host = cfg.host, port = cfg.port, handler = handler or M.handler(app), tokens = true,
     reuseport = cfg.workers > 1 or app.reuseport == true, access_log = cfg.log.access ~= false,
     max_header_bytes = http.max_header_bytes, max_body_bytes = http.max_body_bytes,
     max_url_bytes = http.max_url_bytes, header_timeout = http.header_timeout,
