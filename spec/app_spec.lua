@@ -84,6 +84,12 @@ describe("an app served over HTTP", function()
     assert.are.equal(404, res.status)
     assert.are.same({ error = "no item 404" }, json.decode(res.body))
     assert.are.equal(404, request(port, "GET", "/missing").status)
+    -- What the action rendered before it failed is dropped whole, headers included.
+    res = request(port, "GET", "/rendered-then-missing")
+    assert.are.equal(404, res.status)
+    assert.are.same({ error = "gone after rendering" }, json.decode(res.body))
+    assert.matches("^application/json", res.headers["content-type"])
+    assert.is_nil(res.headers["x-half"])
   end)
 
   it("answers an uncaught error with 500, the request id and, in test, the traceback", function()

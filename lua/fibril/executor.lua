@@ -85,7 +85,9 @@ local function retire(ctx, ok, err)
     for i = n, 1, -1 do call_safely("to_complete", complete_callbacks[i], ok, err) end
   end
   ctx.active = false
-  ctx.locals = nil                         -- unit state never outlives the unit
+  -- Unit state never outlives the unit. (Only when there is some: storing nil under a key the
+  -- table lacks adds the key, and a request's context has room for two.)
+  if ctx.locals ~= nil then ctx.locals = nil end
 end
 
 -- retire, and the fiber's context goes back to previous (it may live on: a script, a test
