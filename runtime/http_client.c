@@ -1,5 +1,5 @@
-/* http_client.c: one HTTP/1.1 client connection for fibers: TCP through libuv (names resolved
- * with uv_getaddrinfo), optional TLS (tls.c), responses parsed by http_client_parse.c, a
+/* http_client.c: one HTTP/1.1 client connection for fibers: TCP through libuv (connected by
+ * dial.c, as tcp.c's sockets are), optional TLS (tls.c), responses parsed by http_client_parse.c, a
  * bounded read-ahead of body bytes. The pool, redirects and the public API are Lua's
  * (lua/fibril/http.lua). Every byte from the peer is hostile: heads, header counts and
  * bodies have limits, and a connection that broke a rule is never reused.
@@ -7,34 +7,20 @@
 #include "http_client.h"
 
 #include <lauxlib.h>
-#include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
+#include "dial.h"
 #include "fiber.h"
 #include "http_client_conn.h"
 #include "tls.h"
 
 #define HC_MT "fibril.http_client"
-#define HC_MAX_ADDRS 8
-
-typedef struct connect_op_s connect_op_t;
 
 typedef struct { conn_t *c; } box_t;   /* the userdata; c is NULL once closed */
-
-struct connect_op_s {
-  fb_fiber_t *fiber;              /* NULL once detached: callbacks then only clean up */
-  uv_getaddrinfo_t gai;
-  int resolving;
-  struct sockaddr_storage addrs[HC_MAX_ADDRS];
-  int naddrs, next, last_err;
-  conn_t *c;                      /* the attempt in flight */
-  fb_tls_t *tls;                  /* handed to the connection that succeeds */
-  connect_op_t *live_next, *live_prev;
-};
 
 typedef struct {
   uv_write_t req;
@@ -44,8 +30,7 @@ typedef struct {
 
 static struct {
   conn_t *conns;
-  connect_op_t *ops;
-  size_t live_handles, live_ops, live_writes;
+  size_t live_handles, live_ops, live_writes;   /* live_ops: dials in flight (dial.c) */
   char rbuf[HC_READ_SIZE];        /* every socket read lands here and is parsed at once */
 } H;
 
@@ -365,109 +350,41 @@ static void wait_cancel(fb_fiber_t *f, void *data) {
 
 /* ---- connecting --------------------------------------------------------------------------- */
 
-static void op_free(connect_op_t *op) {
-  if (op->live_prev) op->live_prev->live_next = op->live_next;
-  else H.ops = op->live_next;
-  if (op->live_next) op->live_next->live_prev = op->live_prev;
-  fb_tls_free(op->tls);
-  free(op);
-  H.live_ops--;
+typedef struct { fb_tls_t *tls; } connect_args_t;   /* handed to the connection that succeeds */
+
+static uv_tcp_t *dial_open(void *args) {
+  conn_t *c = conn_new();
+  (void)args;
+  return c ? &c->tcp : NULL;
 }
 
-static void connect_detach(connect_op_t *op) {
-  op->fiber = NULL;
-  if (op->resolving) uv_cancel((uv_req_t *)&op->gai);
-  else if (op->c) conn_close(op->c);
-}
+static void dial_discard(uv_tcp_t *tcp) { conn_close(tcp->data); }
 
-static void connect_cancel(fb_fiber_t *f, void *data) {
-  (void)f;
-  connect_detach(data);
-}
-
-static void on_connect(uv_connect_t *req, int status);
-
-static int connect_next(connect_op_t *op) {
-  while (op->next < op->naddrs) {
-    const struct sockaddr *a = (const struct sockaddr *)&op->addrs[op->next++];
-    conn_t *c = conn_new();
-    int rc;
-    if (!c) return UV_ENOMEM;
-    rc = uv_tcp_connect(&c->creq, &c->tcp, a, on_connect);
-    if (rc == 0) {
-      c->op = op;
-      op->c = c;
-      return 0;
-    }
-    op->last_err = rc;
-    conn_close(c);
-  }
-  return op->last_err ? op->last_err : UV_EAI_NONAME;
-}
-
-static void on_connect(uv_connect_t *req, int status) {
-  conn_t *c = req->handle->data;
-  connect_op_t *op = c->op;
-  fb_fiber_t *f = op->fiber;
-  int rc;
-  c->op = NULL;
-  op->c = NULL;
-  if (!f) {                       /* detached: connect_detach closed c */
-    op_free(op);
+static void dial_done(fb_fiber_t *f, uv_tcp_t *tcp, int status, void *args) {
+  connect_args_t *a = args;
+  conn_t *c;
+  if (!f || !tcp) {               /* failed, or given up (then nothing waits) */
+    fb_tls_free(a->tls);
+    if (f) resume_error(f, uv_strerror(status), uv_err_name(status));
     return;
   }
-  if (status == 0) {
-    uv_tcp_nodelay(&c->tcp, 1);
-    c->tls = op->tls;
-    op->tls = NULL;
-    op_free(op);
-    read_update(c);
-    if (!c->tls) {
-      box_push(fb_fiber_thread(f), c);
-      fb_fiber_ready(f, 1);
-      return;
-    }
-    c->handshaking = 1;           /* same wait, now on the connection */
-    c->waiter = f;
-    c->wait = W_CONNECT;
-    fb_fiber_on_cancel(f, wait_cancel, c);
-    handshake_step(c);
+  c = tcp->data;
+  uv_tcp_nodelay(&c->tcp, 1);
+  c->tls = a->tls;
+  read_update(c);
+  if (!c->tls) {
+    box_push(fb_fiber_thread(f), c);
+    fb_fiber_ready(f, 1);
     return;
   }
-  op->last_err = status;
-  conn_close(c);
-  if ((rc = connect_next(op)) != 0) {
-    resume_error(f, uv_strerror(rc), uv_err_name(rc));
-    op_free(op);
-  }
+  c->handshaking = 1;             /* same wait, now on the connection */
+  c->waiter = f;
+  c->wait = W_CONNECT;
+  fb_fiber_on_cancel(f, wait_cancel, c);
+  handshake_step(c);
 }
 
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
-  connect_op_t *op = req->data;
-  struct addrinfo *ai;
-  int rc;
-  op->resolving = 0;
-  if (!op->fiber) {
-    if (res) uv_freeaddrinfo(res);
-    op_free(op);
-    return;
-  }
-  if (status < 0) {
-    resume_error(op->fiber, uv_strerror(status), uv_err_name(status));
-    op_free(op);
-    return;
-  }
-  for (ai = res; ai && op->naddrs < HC_MAX_ADDRS; ai = ai->ai_next) {
-    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
-    if (ai->ai_addrlen > sizeof op->addrs[0]) continue;
-    memcpy(&op->addrs[op->naddrs++], ai->ai_addr, ai->ai_addrlen);
-  }
-  uv_freeaddrinfo(res);
-  if ((rc = connect_next(op)) != 0) {
-    resume_error(op->fiber, uv_strerror(rc), uv_err_name(rc));
-    op_free(op);
-  }
-}
+static const fb_dial_ops_t dial_ops = { dial_open, dial_discard, dial_done, &H.live_ops };
 
 /* connect(host, port, timeout, tls, verify, ca_file) -> conn | nil, msg, code. One wait
  * covers resolving, each address in turn and the TLS handshake. */
@@ -478,9 +395,7 @@ static int l_connect(lua_State *L) {
   double timeout = opt_timeout(L, 3);
   int use_tls = lua_toboolean(L, 4), verify = lua_toboolean(L, 5);
   const char *ca_file = luaL_optstring(L, 6, NULL);
-  struct sockaddr_in *a4;
-  struct sockaddr_in6 *a6;
-  connect_op_t *op;
+  connect_args_t args = { NULL };
   fb_fiber_t *f;
   int rc;
 
@@ -488,42 +403,14 @@ static int l_connect(lua_State *L) {
     return luaL_error(L, "http: host must be a name or an address of 1 to 255 bytes");
   if (port < 1 || port > 65535) return luaL_error(L, "http: port must be from 1 to 65535");
   f = fb_fiber_check(L, "http.request");
-  if (!(op = calloc(1, sizeof *op))) return luaL_error(L, "http: out of memory");
-  op->gai.data = op;
-  op->live_next = H.ops;
-  if (H.ops) H.ops->live_prev = op;
-  H.ops = op;
-  H.live_ops++;
   if (use_tls) {                  /* a bad CA file fails here, before any packet */
     fb_tls_err_t err;
-    if (!(op->tls = fb_tls_new(host, ca_file, verify, &err))) {
-      op_free(op);
-      return push_error(L, err.msg, err.code);
-    }
+    if (!(args.tls = fb_tls_new(host, ca_file, verify, &err))) return push_error(L, err.msg, err.code);
   }
-  a4 = (struct sockaddr_in *)&op->addrs[0];
-  a6 = (struct sockaddr_in6 *)&op->addrs[0];
-  if (uv_ip4_addr(host, (int)port, a4) == 0 || uv_ip6_addr(host, (int)port, a6) == 0) {
-    op->naddrs = 1;
-    rc = connect_next(op);
-  } else {
-    struct addrinfo hints;
-    char service[8];
-    memset(&op->addrs[0], 0, sizeof op->addrs[0]);
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    snprintf(service, sizeof service, "%d", (int)port);
-    op->resolving = 1;
-    rc = uv_getaddrinfo(fb_sched_loop(), &op->gai, on_resolved, host, service, &hints);
-    if (rc < 0) op->resolving = 0;
-  }
-  if (rc < 0) {
-    op_free(op);
+  if ((rc = fb_dial_start(f, host, (int)port, &dial_ops, &args, sizeof args)) != 0) {
+    fb_tls_free(args.tls);        /* failed before anything was in flight */
     return push_error(L, uv_strerror(rc), uv_err_name(rc));
   }
-  op->fiber = f;
-  fb_fiber_on_cancel(f, connect_cancel, op);
   return fb_fiber_suspend(L, f, timeout);
 }
 
@@ -658,10 +545,9 @@ static int l_live(lua_State *L) {
  * userdata, so detach them before their fibers are freed; the loop run after lua_close
  * delivers their callbacks, which then only free. */
 static int l_sentinel_gc(lua_State *L) {
-  connect_op_t *op;
   conn_t *c;
   (void)L;
-  for (op = H.ops; op; op = op->live_next) connect_detach(op);
+  fb_dial_detach_all(&dial_ops);
   for (c = H.conns; c; c = c->live_next) {
     c->waiter = NULL;
     if (!c->boxed) conn_close(c);

@@ -26,12 +26,10 @@ typedef struct { uint32_t name_off, name_len, value_off, value_len; } span_t;
 struct conn_s {
   uv_tcp_t tcp;
   uv_timer_t idle;                /* parked in the pool: closes the connection on expiry */
-  uv_connect_t creq;
   int open_handles;               /* freed when 0 and !boxed */
   unsigned char boxed, closing, reading, parked, handshaking;
   unsigned char active;           /* a request was sent and its response is not complete */
   unsigned char head_ready, done, keepalive, eof, stray, head_only, in_field;
-  struct connect_op_s *op;        /* while this is a connect attempt */
   fb_tls_t *tls;                  /* owned; NULL for plain HTTP */
   llhttp_t parser;
   fb_fiber_t *waiter;             /* the one fiber waiting on this connection */

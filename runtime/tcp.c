@@ -5,13 +5,13 @@
 #include "tcp.h"
 
 #include <lauxlib.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
+#include "dial.h"
 #include "fiber.h"
 
 #define TCP_MT "fibril.tcp"
@@ -19,11 +19,8 @@
 #define TCP_READ_AHEAD 65536u      /* buffered with no reader waiting, before reading stops */
 #define TCP_HIGH_WATER (256u << 10)  /* a writer suspends while more than this is unsent */
 #define TCP_HIGH_WATER_MAX (1u << 30)
-#define TCP_MAX_ADDRS 8            /* addresses tried per connect, in resolver order */
 
 typedef enum { R_CHUNK, R_LINE, R_BYTES, R_ALL } read_mode_t;
-
-typedef struct connect_op_s connect_op_t;
 
 /* A fiber waiting in write() for the unsent bytes to drop to the high-water mark. */
 typedef struct writer_s {
@@ -34,9 +31,7 @@ typedef struct writer_s {
 
 struct fb_tcp_s {
   uv_tcp_t tcp;                 /* tcp.data points back here */
-  uv_connect_t connect_req;
   uv_shutdown_t shutdown_req;
-  connect_op_t *op;             /* while this handle is a connect attempt */
   /* Read buffer: bytes rbuf[rstart .. rstart+rlen), never more than rmax of them. */
   char *rbuf;
   size_t rstart, rlen, rcap, rmax;
@@ -55,18 +50,6 @@ struct fb_tcp_s {
 
 typedef struct { fb_tcp_t *t; } box_t;   /* the userdata; t is NULL once closed */
 
-/* Resolving, then one attempt per address until one connects. */
-struct connect_op_s {
-  fb_fiber_t *fiber;            /* NULL once detached: the callbacks then only clean up */
-  uv_getaddrinfo_t gai;
-  int resolving;
-  struct sockaddr_storage addrs[TCP_MAX_ADDRS];
-  int naddrs, next, last_err;
-  fb_tcp_t *t;                  /* the attempt in flight */
-  size_t rmax, hwm;
-  connect_op_t *live_next, *live_prev;
-};
-
 /* Bytes of a queued write, copied out of the Lua string (see l_tcp_write). */
 typedef struct {
   uv_write_t req;
@@ -75,8 +58,7 @@ typedef struct {
 } write_req_t;
 
 static struct {
-  connect_op_t *pending;        /* connects in flight: detached at lua_close (sentinel_gc) */
-  size_t live_handles, live_ops, live_writes;
+  size_t live_handles, live_ops, live_writes;   /* live_ops: dials in flight (dial.c) */
 } T;
 
 size_t fb_tcp_live_handles(void) { return T.live_handles; }
@@ -363,123 +345,42 @@ static void on_write(uv_write_t *req, int status) {
   else if (t->queued <= t->hwm) writers_wake(t, 0, NULL, NULL);
 }
 
-/* ---- connecting ------------------------------------------------------------------- */
+/* ---- connecting (runtime/dial.c) --------------------------------------------------- */
 
-static void op_free(connect_op_t *op) {
-  if (op->live_prev) op->live_prev->live_next = op->live_next;
-  else T.pending = op->live_next;
-  if (op->live_next) op->live_next->live_prev = op->live_prev;
-  free(op);
-  T.live_ops--;
+typedef struct { size_t rmax, hwm; } connect_args_t;
+
+static uv_tcp_t *dial_open(void *args) {
+  connect_args_t *a = args;
+  fb_tcp_t *t = tcp_new(a->rmax, a->hwm);
+  return t ? &t->tcp : NULL;
 }
 
-/* Stops waiting on op's behalf: a cancel, a timeout, or lua_close. The callback still to
- * come (getaddrinfo's, or connect's with UV_ECANCELED) then frees op. */
-static void connect_detach(connect_op_t *op) {
-  op->fiber = NULL;
-  if (op->resolving) uv_cancel((uv_req_t *)&op->gai);
-  else if (op->t) tcp_close_handle(op->t);
-}
+static void dial_discard(uv_tcp_t *tcp) { tcp_close_handle(tcp->data); }
 
-static void connect_cancel(fb_fiber_t *f, void *data) {
-  (void)f;
-  connect_detach(data);
-}
-
-static void on_connect(uv_connect_t *req, int status);
-
-/* Starts an attempt on the next address. Returns 0 when one is in flight, else the error
- * of the last address (each failed at once). */
-static int connect_next(connect_op_t *op) {
-  while (op->next < op->naddrs) {
-    const struct sockaddr *a = (const struct sockaddr *)&op->addrs[op->next++];
-    fb_tcp_t *t = tcp_new(op->rmax, op->hwm);
-    int rc;
-    if (!t) return UV_ENOMEM;
-    rc = uv_tcp_connect(&t->connect_req, &t->tcp, a, on_connect);
-    if (rc == 0) {
-      t->op = op;
-      op->t = t;
-      return 0;
-    }
-    op->last_err = rc;
-    tcp_close_handle(t);
-  }
-  return op->last_err ? op->last_err : UV_EAI_NONAME;
-}
-
-static void on_connect(uv_connect_t *req, int status) {
-  fb_tcp_t *t = req->handle->data;
-  connect_op_t *op = t->op;
-  fb_fiber_t *f = op->fiber;
-  int rc;
-  t->op = NULL;
-  op->t = NULL;
-  if (!f) {                       /* detached: connect_detach closed t */
-    op_free(op);
+static void dial_done(fb_fiber_t *f, uv_tcp_t *tcp, int status, void *args) {
+  fb_tcp_t *t;
+  lua_State *co;
+  box_t *box;
+  (void)args;
+  if (!f) return;                 /* given up: nothing waits, no handle is left */
+  if (!tcp) {
+    resume_uv_error(f, status);
     return;
   }
-  if (status == 0) {
-    lua_State *co = fb_fiber_thread(f);
-    box_t *box;
-    lua_checkstack(co, 2);
-    box = lua_newuserdata(co, sizeof *box);   /* stack: box; from here the box owns t */
-    box->t = t;
-    luaL_getmetatable(co, TCP_MT);
-    lua_setmetatable(co, -2);
-    peer_name(t);
-    uv_tcp_nodelay(&t->tcp, 1);   /* request/response protocols: no Nagle delay */
-    read_update(t);               /* read ahead: data and EOF arriving before read() */
-    fb_fiber_ready(f, 1);
-    op_free(op);
-    return;
-  }
-  op->last_err = status;
-  tcp_close_handle(t);
-  if ((rc = connect_next(op)) != 0) {
-    resume_uv_error(f, rc);
-    op_free(op);
-  }
+  t = tcp->data;
+  co = fb_fiber_thread(f);
+  lua_checkstack(co, 2);
+  box = lua_newuserdata(co, sizeof *box);     /* stack: box; from here the box owns t */
+  box->t = t;
+  luaL_getmetatable(co, TCP_MT);
+  lua_setmetatable(co, -2);
+  peer_name(t);
+  uv_tcp_nodelay(&t->tcp, 1);     /* request/response protocols: no Nagle delay */
+  read_update(t);                 /* read ahead: data and EOF arriving before read() */
+  fb_fiber_ready(f, 1);
 }
 
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
-  connect_op_t *op = req->data;
-  struct addrinfo *ai;
-  int rc;
-  op->resolving = 0;
-  if (!op->fiber) {
-    if (res) uv_freeaddrinfo(res);
-    op_free(op);
-    return;
-  }
-  if (status < 0) {
-    resume_uv_error(op->fiber, status);
-    op_free(op);
-    return;
-  }
-  for (ai = res; ai && op->naddrs < TCP_MAX_ADDRS; ai = ai->ai_next) {
-    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
-    if (ai->ai_addrlen > sizeof op->addrs[0]) continue;
-    memcpy(&op->addrs[op->naddrs++], ai->ai_addr, ai->ai_addrlen);
-  }
-  uv_freeaddrinfo(res);
-  if ((rc = connect_next(op)) != 0) {
-    resume_uv_error(op->fiber, rc);
-    op_free(op);
-  }
-}
-
-/* Fills op->addrs[0] when host is a numeric IPv4 or IPv6 address: no resolver round. */
-static int parse_numeric(connect_op_t *op, const char *host, int port) {
-  struct sockaddr_in *a4 = (struct sockaddr_in *)&op->addrs[0];
-  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&op->addrs[0];
-  if (uv_ip4_addr(host, port, a4) == 0 || uv_ip6_addr(host, port, a6) == 0) {
-    op->naddrs = 1;
-    return 1;
-  }
-  memset(&op->addrs[0], 0, sizeof op->addrs[0]);
-  return 0;
-}
+static const fb_dial_ops_t dial_ops = { dial_open, dial_discard, dial_done, &T.live_ops };
 
 /* connect(host, port [, timeout [, read_limit [, high_water]]]) -> socket | nil, msg, code.
  * One suspension covers resolving and every attempt, so the timeout is for the whole. */
@@ -490,7 +391,7 @@ static int l_tcp_connect(lua_State *L) {
   double timeout = opt_timeout(L, 3);
   lua_Number rmax = luaL_optnumber(L, 4, TCP_READ_MAX);
   lua_Number hwm = luaL_optnumber(L, 5, TCP_HIGH_WATER);
-  connect_op_t *op;
+  connect_args_t args;
   fb_fiber_t *f;
   int rc;
 
@@ -504,34 +405,10 @@ static int l_tcp_connect(lua_State *L) {
     return luaL_error(L, "tcp.connect: write_high_water must be from 0 to %d bytes",
                       (int)TCP_HIGH_WATER_MAX);
   f = fb_fiber_check(L, "tcp.connect");
-  if (!(op = calloc(1, sizeof *op))) return luaL_error(L, "tcp.connect: out of memory");
-  op->rmax = (size_t)rmax;
-  op->hwm = (size_t)hwm;
-  op->gai.data = op;
-  op->live_next = T.pending;
-  if (T.pending) T.pending->live_prev = op;
-  T.pending = op;
-  T.live_ops++;
-
-  if (parse_numeric(op, host, (int)port)) {
-    rc = connect_next(op);
-  } else {
-    struct addrinfo hints;
-    char service[8];
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    snprintf(service, sizeof service, "%d", (int)port);
-    op->resolving = 1;           /* libuv copies host and service into the request */
-    rc = uv_getaddrinfo(fb_sched_loop(), &op->gai, on_resolved, host, service, &hints);
-    if (rc < 0) op->resolving = 0;
-  }
-  if (rc < 0) {                  /* failed before anything was in flight */
-    op_free(op);
-    return push_uv_error(L, rc);
-  }
-  op->fiber = f;
-  fb_fiber_on_cancel(f, connect_cancel, op);
+  args.rmax = (size_t)rmax;
+  args.hwm = (size_t)hwm;
+  if ((rc = fb_dial_start(f, host, (int)port, &dial_ops, &args, sizeof args)) != 0)
+    return push_uv_error(L, rc);   /* failed before anything was in flight */
   return fb_fiber_suspend(L, f, timeout);
 }
 
@@ -740,9 +617,8 @@ static int l_tcp_live(lua_State *L) {
  * userdata, so detach them here, before their fibers are freed; the loop run that follows
  * lua_close delivers their callbacks, which then only free. */
 static int l_tcp_sentinel_gc(lua_State *L) {
-  connect_op_t *op;
   (void)L;
-  for (op = T.pending; op; op = op->live_next) connect_detach(op);
+  fb_dial_detach_all(&dial_ops);
   return 0;
 }
 
