@@ -105,6 +105,8 @@ static struct {
   int npool;
   fb_fiber_t *free_fibers;   /* recycled structs (at most FREE_FIBERS_MAX), linked by live_next */
   size_t nfree_fibers;
+  fb_close_hook close_hooks[16];   /* fb_sched_on_close, run by the close sentinel's __gc */
+  int nclose_hooks;
 } S;
 
 #define FREE_FIBERS_MAX 1024
@@ -922,6 +924,25 @@ static int new_fiber_metatable(lua_State *L, int with_gc) {
   return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+void fb_sched_on_close(fb_close_hook hook) {
+  int i;
+  for (i = 0; i < S.nclose_hooks; i++)
+    if (S.close_hooks[i] == hook) return;
+  if (S.nclose_hooks == (int)(sizeof S.close_hooks / sizeof S.close_hooks[0])) {
+    fprintf(stderr, "fibril: too many close hooks (fb_sched_on_close)\n");
+    abort();                                 /* a build mistake: a new module over the limit */
+  }
+  S.close_hooks[S.nclose_hooks++] = hook;
+}
+
+/* __gc of a userdata the registry holds from fb_sched_init: lua_close finalizes it after the
+ * userdata made later (the modules' objects), and before it frees anything. */
+static int l_close_sentinel_gc(lua_State *L) {
+  (void)L;
+  while (S.nclose_hooks > 0) S.close_hooks[--S.nclose_hooks]();
+  return 0;
+}
+
 void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   memset(&S, 0, sizeof S);
   S.L = L;
@@ -938,6 +959,12 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   S.mt_gc_ref = new_fiber_metatable(L, 1);
   lua_pop(L, 1);
   fb_error_init(L);
+  lua_newuserdata(L, 1);                     /* stack: sentinel */
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, l_close_sentinel_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  luaL_ref(L, LUA_REGISTRYINDEX);            /* lives until lua_close */
   lua_getglobal(L, "os");
   lua_pushcfunction(L, l_os_exit);
   lua_setfield(L, -2, "exit");

@@ -43,6 +43,13 @@ fb_fiber_t *fb_fiber_start(lua_State *L, int nargs);
 typedef void (*fb_fiber_done_cb)(uint64_t arg);
 void fb_fiber_on_done(fb_fiber_t *f, fb_fiber_done_cb cb, uint64_t arg);
 
+/* Registers a function lua_close calls (once, in reverse order of registration) before any
+ * fiber is freed: a module detaches the fibers its operations in flight point to, whose
+ * callbacks, delivered by the loop run after lua_close, then only free. Registering the same
+ * function again does nothing. For the modules' luaopen functions. */
+typedef void (*fb_close_hook)(void);
+void fb_sched_on_close(fb_close_hook hook);
+
 /* Raises a clear Lua error unless L is the running fiber and may yield here; raises the
  * "cancelled" error when the fiber was cancelled since it last suspended. */
 fb_fiber_t *fb_fiber_check(lua_State *L, const char *who);

@@ -40,7 +40,7 @@ typedef struct fs_op_s {
 } fs_op_t;
 
 static struct {
-  fs_op_t *pending;             /* in flight: detached at lua_close (l_fs_sentinel_gc) */
+  fs_op_t *pending;             /* in flight: detached at lua_close (on_lua_close) */
   size_t live_fds, live_ops, live_closes;
 } F;
 
@@ -392,14 +392,12 @@ static int l_fs_live(lua_State *L) {
   return 2;
 }
 
-/* __gc of a registry-anchored sentinel, run by lua_close: requests in flight belong to no
+/* Run by lua_close (fb_sched_on_close): requests in flight belong to no
  * userdata, so detach them before their fibers are freed; the loop run after lua_close
  * delivers their callbacks, which then only free (and close a descriptor just opened). */
-static int l_fs_sentinel_gc(lua_State *L) {
+static void on_lua_close(void) {
   fs_op_t *op;
-  (void)L;
   for (op = F.pending; op; op = op->live_next) op_detach(op);
-  return 0;
 }
 
 static const luaL_Reg file_methods[] = {
@@ -431,12 +429,7 @@ int luaopen_fibril_core_fs(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, l_file_close);
     lua_setfield(L, -2, "__close");
-    lua_newuserdata(L, 1);                   /* stack: module mt sentinel */
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_fs_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.fs.sentinel");
+    fb_sched_on_close(on_lua_close);
   }
   lua_pop(L, 1);
   lua_pushnumber(L, FS_READ_MAX);

@@ -541,19 +541,17 @@ static int l_live(lua_State *L) {
   return 2;
 }
 
-/* __gc of a registry sentinel, run by lua_close: connects and handshakes belong to no
+/* Run by lua_close (fb_sched_on_close): connects and handshakes belong to no
  * userdata, so detach them before their fibers are freed; the loop run after lua_close
  * delivers their callbacks, which then only free. */
-static int l_sentinel_gc(lua_State *L) {
+static void on_lua_close(void) {
   conn_t *c;
-  (void)L;
   fb_dial_detach_all(&dial_ops);
   for (c = H.conns; c; c = c->live_next) {
     c->waiter = NULL;
     if (!c->boxed) conn_close(c);
   }
   fb_tls_cleanup();               /* sessions keep their contexts alive by reference */
-  return 0;
 }
 
 static const luaL_Reg methods[] = {
@@ -582,12 +580,7 @@ int luaopen_fibril_core_http_client(lua_State *L) {
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, l_close);
     lua_setfield(L, -2, "__gc");
-    lua_newuserdata(L, 1);                   /* stack: module methods mt sentinel */
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.http_client.sentinel");
+    fb_sched_on_close(on_lua_close);
   }
   lua_pop(L, 1);
   lua_setfield(L, -2, "methods");

@@ -329,11 +329,9 @@ static int l_journal_live(lua_State *L) {
 }
 
 /* lua_close: ops in flight have fibers about to be freed; detach them. */
-static int l_sentinel_gc(lua_State *L) {
+static void on_lua_close(void) {
   jop_t *op;
-  (void)L;
   for (op = J.pending; op; op = op->next) op->fiber = NULL;
-  return 0;
 }
 
 static const luaL_Reg methods[] = {
@@ -360,12 +358,7 @@ int luaopen_fibril_core_journal(lua_State *L) {
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, l_journal_close);
     lua_setfield(L, -2, "__gc");
-    lua_newuserdata(L, 1);                          /* stack: module mt sentinel */
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.journal.sentinel");
+    fb_sched_on_close(on_lua_close);
   }
   lua_pop(L, 1);
   lua_pushnumber(L, JOURNAL_WRITE_MAX);

@@ -2,7 +2,7 @@
  * PQsocket: connecting (PQconnectStartParams/PQconnectPoll), the poll handle, the end of a
  * connection (its waiting fibers always resumed), cancel requests on the thread pool (PQcancel
  * blocks), and the Lua module fibril.core.pg. Queries are in pg_query.c. The struct is freed
- * once it is dead and no Lua box points to it; a registry sentinel detaches fibers at close. */
+ * once it is dead and no Lua box points to it; lua_close detaches its fibers (fb_sched_on_close). */
 #include "pg.h"
 
 #include <lauxlib.h>
@@ -373,18 +373,16 @@ static int l_pg_live(lua_State *L) {
   return 2;
 }
 
-/* __gc of a registry-anchored sentinel, run by lua_close: detach every waiting fiber, then
+/* Run by lua_close (fb_sched_on_close): detach every waiting fiber, then
  * drop every connection; the loop run after lua_close delivers the close callbacks. */
-static int l_pg_sentinel_gc(lua_State *L) {
+static void on_lua_close(void) {
   fb_pg_t *p, *next;
-  (void)L;
   for (p = P.conns; p; p = p->live_next) detach(p);
   for (p = P.conns; p; p = next) {
     next = p->live_next;        /* pg_dead may free p */
     p->boxed = 0;
     fb_pg_dead(p, "connection is closed", "closed", 0);
   }
-  return 0;
 }
 
 static const luaL_Reg pg_methods[] = {
@@ -419,12 +417,7 @@ int luaopen_fibril_core_pg(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, l_pg_close);
     lua_setfield(L, -2, "__close");
-    lua_newuserdata(L, 1);                   /* stack: mt sentinel */
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_pg_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.pg.sentinel");
+    fb_sched_on_close(on_lua_close);
   }
   lua_pop(L, 1);
   lua_setfield(L, -2, "methods");            /* for lua/fibril/pg.lua */

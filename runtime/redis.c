@@ -485,12 +485,11 @@ static int l_redis_live(lua_State *L) {
   return 2;
 }
 
-/* __gc of a registry-anchored sentinel, run by lua_close: detach every waiting fiber, then
+/* Run by lua_close (fb_sched_on_close): detach every waiting fiber, then
  * drop every context; the loop run after lua_close delivers the adapters' close callbacks. */
-static int l_redis_sentinel_gc(lua_State *L) {
+static void on_lua_close(void) {
   fb_redis_t *r, *next;
   cmd_op_t *op;
-  (void)L;
   for (r = R.conns; r; r = r->live_next) {
     r->cfiber = NULL;
     r->connecting = 0;
@@ -507,7 +506,6 @@ static int l_redis_sentinel_gc(lua_State *L) {
     next = r->live_next;        /* redis_discard may free r */
     fb_redis_discard(r, "connection is closed", "closed");
   }
-  return 0;
 }
 
 static const luaL_Reg redis_methods[] = {
@@ -538,12 +536,7 @@ int luaopen_fibril_core_redis(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, l_redis_close);
     lua_setfield(L, -2, "__close");
-    lua_newuserdata(L, 1);                   /* stack: mt sentinel */
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_redis_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.redis.sentinel");
+    fb_sched_on_close(on_lua_close);
   }
   lua_pop(L, 1);
   lua_setfield(L, -2, "methods");            /* for lua/fibril/redis.lua */

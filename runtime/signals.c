@@ -18,7 +18,7 @@ struct sigwait_s {
   uv_signal_t h[MAX_SIGNALS];
   int n, closing;
   fb_fiber_t *fiber;      /* NULL once the wait is over */
-  sigwait_t *next, *prev; /* waits in progress, ended at lua_close by the sentinel's __gc */
+  sigwait_t *next, *prev; /* waits in progress, ended at lua_close (on_lua_close) */
 };
 
 static sigwait_t *live;
@@ -103,24 +103,14 @@ static int l_wait(lua_State *L) {
   return fb_fiber_suspend(L, f, timeout);
 }
 
-/* __gc of a registry-anchored sentinel, run by lua_close: waits still pending belong to fibers
+/* Run by lua_close (fb_sched_on_close): waits still pending belong to fibers
  * about to be freed; end them so their handles close and no signal touches a freed fiber. */
-static int l_sentinel_gc(lua_State *L) {
-  (void)L;
+static void on_lua_close(void) {
   while (live) wait_end(live);
-  return 0;
 }
 
 int luaopen_fibril_core_signal(lua_State *L) {
-  if (luaL_newmetatable(L, "fibril.signal.sentinel")) {   /* once per state */
-    lua_pushcfunction(L, l_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_newuserdata(L, 1);
-    lua_pushvalue(L, -2);
-    lua_setmetatable(L, -2);
-    luaL_ref(L, LUA_REGISTRYINDEX);          /* lives until lua_close */
-  }
-  lua_pop(L, 1);
+  fb_sched_on_close(on_lua_close);
   lua_newtable(L);
   lua_pushcfunction(L, l_wait);
   lua_setfield(L, -2, "wait");

@@ -613,13 +613,11 @@ static int l_tcp_live(lua_State *L) {
   return 2;
 }
 
-/* __gc of a registry-anchored sentinel, run by lua_close: connects in flight belong to no
+/* Run by lua_close (fb_sched_on_close): connects in flight belong to no
  * userdata, so detach them here, before their fibers are freed; the loop run that follows
  * lua_close delivers their callbacks, which then only free. */
-static int l_tcp_sentinel_gc(lua_State *L) {
-  (void)L;
+static void on_lua_close(void) {
   fb_dial_detach_all(&dial_ops);
-  return 0;
 }
 
 static const luaL_Reg tcp_methods[] = {
@@ -651,12 +649,7 @@ int luaopen_fibril_core_tcp(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, l_tcp_close);
     lua_setfield(L, -2, "__close");
-    lua_newuserdata(L, 1);                   /* stack: mt sentinel */
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_tcp_sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, "fibril.tcp.sentinel");
+    fb_sched_on_close(on_lua_close);
   }
   lua_pop(L, 1);
   lua_setfield(L, -2, "methods");            /* for lua/fibril/tcp.lua */
