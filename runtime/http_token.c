@@ -7,8 +7,9 @@
  *
  * A token is valid while its request is the connection's current one: answering it
  * (fb_http_request_done) or closing the connection ends it, and from then on every call with
- * it answers "closed", as a detached response object does. A slot's generation never repeats
- * within 2^33 requests through that slot, so a stale token cannot name a later request. */
+ * it answers "closed", as a detached response object does. A slot's generation repeats only
+ * after 2^33 requests through that slot: a stale token names a later request only if it was
+ * kept that long (docs/architecture.md, "Request tokens"). */
 #include <lauxlib.h>
 #include <stdlib.h>
 
