@@ -91,12 +91,18 @@ end
 -- _sse (no table of its own: one object fewer per request for the collector to free). The
 -- headers are never written to; _ctype, when set, is a Content-Type to add to them.
 -- response_headers puts them together when the response is sent.
--- (A nil stored under a key the table lacks still adds the key: only what is set, or was.)
+-- A response is set only while none is (check_not_rendered): fresh, or cleared by a rescue.
+-- So a nil needs no store, and none is made: a nil stored under a key the table lacks still
+-- adds the key, and the instance's hash part would grow on every request.
 local function set_response(self, status, headers, body, ctype, sse)
   self._status, self._body = status, body
-  if headers or rawget(self, "_headers") then self._headers = headers end
-  if ctype or rawget(self, "_ctype") then self._ctype = ctype end
-  if sse or rawget(self, "_sse") then self._sse = sse end
+  if headers then self._headers = headers end
+  if ctype then self._ctype = ctype end
+  if sse then self._sse = sse end
+end
+
+local function clear_response(self)   -- rare: a rescue_from handler decides the response
+  self._status, self._headers, self._body, self._ctype, self._sse = nil, nil, nil, nil, nil
 end
 
 --- Sets the response. Exactly one body kind: json, text, html or body (a string);
@@ -282,7 +288,7 @@ local function finish(self, C, ok, err)
     for i = #rescues, 1, -1 do
       local r = rescues[i]
       if rescue_matches(r.matcher, err) then
-        set_response(self, nil)                   -- the handler decides the response
+        clear_response(self)                      -- the handler decides the response
         if type(r.handler) == "string" then self[r.handler](self, err) else r.handler(self, err) end
         return
       end

@@ -84,7 +84,7 @@ function M.handler(app)
     local router = app.router
     setmetatable(req, request_mt)
     if app.public and (req.method == "GET" or req.method == "HEAD")
-       and static.serve(app, req, response(req)) then return end
+       and static.serve(app, req, response) then return end
     local route, params, allowed = router:match(req.method, req.path)
     if not route then
       if params == 405 then

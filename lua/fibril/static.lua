@@ -272,9 +272,11 @@ end
 --- error other than "not found" (the server turns it into a 500).
 ---@param app table from fibril.app.load (uses app.public)
 ---@param req table the request (method, path, query, headers)
----@param res userdata the response
+---@param response_of function response_of(req) -> the response object: made only when a file
+--- is answered, so a request routed on to a controller makes none (docs/architecture.md,
+--- "Request tokens")
 ---@return boolean answered
-function M.serve(app, req, res)
+function M.serve(app, req, response_of)
   local method = req.method
   if (method ~= "GET" and method ~= "HEAD") or not app.public then return false end
   local rel, slash = clean(req.path)
@@ -306,11 +308,12 @@ function M.serve(app, req, res)
       local index = fs.stat(real .. "/index.html")
       if not index or index.type ~= "file" then return false end
       local location = req.path .. "/" .. (req.query and "?" .. req.query or "")
-      res:send(301, { Location = location, ["Content-Type"] = "text/plain" }, "Moved Permanently\n")
+      response_of(req):send(301, { Location = location, ["Content-Type"] = "text/plain" },
+                            "Moved Permanently\n")
       return true
     end
     if st.type ~= "file" then return false end
-    send_file(req, res, file, st, real, name)
+    send_file(req, response_of(req), file, st, real, name)
     return true
   end)
   file:close()
