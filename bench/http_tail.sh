@@ -2,9 +2,11 @@
 # bench/http_tail.sh: the latency tail of apps/hello (one process) under wrk's 64 keep-alive
 # connections, as fibril runs by default and with each of its tail measures turned off, against
 # nginx + Lua, all interleaved round by round (the machine's noise hits every target alike):
-#   fibril                 defaults: edge-triggered reads, gc.pause 120 / gc.stepmul 100
+#   fibril                 defaults: edge-triggered reads, the collector paced by fibril.gc
+#                          (gc.pause 200, gc.stepmul 25, gc.min_growth_bytes 8 MiB)
 #   fibril-level           FIBRIL_HTTP_LEVEL=1: libuv's level-triggered registration
-#   fibril-gc-200-200      LuaJIT's collector pace (apps/hello's bench_gc_luajit environment)
+#   fibril-gc-luajit       LuaJIT's collector pace, 200/200 (apps/hello's bench_gc_luajit env)
+#   fibril-gc-120-100      the fixed pace fibril had before fibril.gc (bench_gc_120_100)
 #   nginx-lua              the peer (../shared/bench)
 # Prints medians of req/s and latency percentiles, then paired ratios against `fibril`.
 # Asserts nothing. ROUNDS (default 8), DURATION (5 s), URL_PATH (/hello) tune it.
@@ -21,11 +23,12 @@ stop_all() { [ ${#pids[@]} -eq 0 ] || "$HARNESS/peers/stop.sh" "${pids[@]}" >/de
 trap stop_all EXIT
 start() { "$HARNESS/peers/start.sh" "$@" 2>/dev/null; }
 
-names=(fibril fibril-level fibril-gc-200-200 nginx-lua)
-ports=(18182 18183 18184 18180)
+names=(fibril fibril-level fibril-gc-luajit fibril-gc-120-100 nginx-lua)
+ports=(18182 18183 18184 18185 18180)
 pids+=("$(start cmd 18182 -- "$FIBRIL" run apps/hello --port '{PORT}' --env production)")
 pids+=("$(FIBRIL_HTTP_LEVEL=1 start cmd 18183 -- "$FIBRIL" run apps/hello --port '{PORT}' --env production)")
 pids+=("$(start cmd 18184 -- "$FIBRIL" run apps/hello --port '{PORT}' --env bench_gc_luajit)")
+pids+=("$(start cmd 18185 -- "$FIBRIL" run apps/hello --port '{PORT}' --env bench_gc_120_100)")
 pids+=("$(start nginx-lua 18180)")
 
 rounds=$(mktemp)

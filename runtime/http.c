@@ -25,15 +25,17 @@ enum { S_HTTP10 = 1, S_HTTP11, S_EMPTY, S_METHODS };
 
 /* Each request's fiber runs this with (handler, res, method, path, query, target, version, id,
  * headers, body): the request table is put together by a table constructor the JIT compiles,
- * where a C-built table costs two API calls and a hash insert per field. */
+ * where a C-built table costs two API calls and a hash insert per field. id is the request id,
+ * or for a generated one its counter, kept in _id: req.id is made from it when read
+ * (lua/fibril/server.lua, with core.http.id_prefix). */
 static const char request_entry[] =
   "return function(handler, res, method, path, query, target, version, id, headers, body)\n"
   "  if query == nil then  -- 8 fields: the table fits 8 hash slots, where 9 take 16\n"
   "    return handler({ method = method, path = path, target = target, version = version,\n"
-  "                     id = id, headers = headers, body = body, _res = res }, res)\n"
+  "                     _id = id, headers = headers, body = body, _res = res }, res)\n"
   "  end\n"
   "  return handler({ method = method, path = path, query = query, target = target,\n"
-  "                   version = version, id = id, headers = headers, body = body, _res = res }, res)\n"
+  "                   version = version, _id = id, headers = headers, body = body, _res = res }, res)\n"
   "end\n";
 
 static struct {
@@ -389,8 +391,10 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
-/* Request ids: X-Request-Id when it is short and plain, else a process prefix + counter. */
-static void set_request_id(fb_http_conn_t *c) {
+/* Request ids: X-Request-Id when it is short and plain, else a process prefix + counter.
+ * Returns the counter for a generated id (Lua makes the same string only if it reads req.id:
+ * one string fewer per request), 0 for an honoured one. */
+static uint64_t set_request_id(fb_http_conn_t *c) {
   int i;
   for (i = 0; i < c->nheaders; i++) {
     header_span_t *h = &c->headers[i];
@@ -403,18 +407,19 @@ static void set_request_id(fb_http_conn_t *c) {
         memcpy(c->request_id, v, k);
         c->request_id[k] = '\0';
         c->request_id_len = k;
-        return;
+        return 0;
       }
     }
   }
   {
     static const char hex[] = "0123456789abcdef";
-    uint64_t n = ++H.next_request;
+    uint64_t id = ++H.next_request, n = id;
     int k;
     memcpy(c->request_id, H.id_prefix, 8);
-    for (k = 15; k >= 8; k--, n >>= 4) c->request_id[k] = hex[n & 15];
+    for (k = 15; k >= 8; k--, n >>= 4) c->request_id[k] = hex[n & 15];   /* its low 32 bits */
     c->request_id[16] = '\0';
     c->request_id_len = 16;
+    return id;
   }
 }
 
@@ -438,9 +443,9 @@ static void dispatch(fb_http_conn_t *c) {
   size_t path_len;
   int i, strings;
   fb_fiber_t *f;
-  uint64_t token = 0;
+  uint64_t token = 0, id_number;
 
-  set_request_id(c);
+  id_number = set_request_id(c);
   q = memchr(url, '?', c->url_len);
   path_len = q ? (size_t)(q - url) : c->url_len;
   if (c->srv->access_log) {
@@ -478,7 +483,8 @@ static void dispatch(fb_http_conn_t *c) {
     lua_pushvalue(L, -2);                    /* target: the path again, no second lookup */
   }
   lua_rawgeti(L, strings, c->http10 ? S_HTTP10 : S_HTTP11);
-  lua_pushlstring(L, c->request_id, c->request_id_len);
+  if (id_number) lua_pushnumber(L, (lua_Number)id_number);   /* < 2^53: exact */
+  else lua_pushlstring(L, c->request_id, c->request_id_len);
   lua_createtable(L, 0, c->nheaders);        /* stack: ... headers */
   for (i = 0; i < c->nheaders; i++) {
     header_span_t *h = &c->headers[i];
@@ -828,6 +834,8 @@ int luaopen_fibril_core_http(lua_State *L) {
   luaL_setfuncs(L, funcs, 0);
   luaopen_fibril_core_http_response(L);
   lua_setfield(L, -2, "response_mt");
+  lua_pushstring(L, H.id_prefix);            /* generated request ids: prefix + 8 hex digits */
+  lua_setfield(L, -2, "id_prefix");
   return 1;
 }
 

@@ -135,6 +135,19 @@ describe("an app served over HTTP", function()
     assert.are.equal("yes", res.headers["x-custom"])
   end)
 
+  it("makes a generated request id for req.id when read, the same the response names", function()
+    local ids = {}
+    for i = 1, 3 do
+      local res = request(port, "GET", "/headers")
+      local id = json.decode(res.body).id
+      assert.matches("^%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x$", id)
+      assert.are.equal(res.headers["x-request-id"], id)
+      ids[i] = id
+    end
+    assert.are_not.equal(ids[1], ids[2])
+    assert.are_not.equal(ids[2], ids[3])
+  end)
+
   it("renders html with its content type", function()
     local res = request(port, "GET", "/html")
     assert.are.equal("text/html; charset=utf-8", res.headers["content-type"])

@@ -28,7 +28,7 @@ local DESIGN_DEFAULTS = {
   host = "127.0.0.1", port = 3000, workers = 1,
   reload = true,
   log = { level = "info", format = "text", access = true },
-  gc = { pause = 120, stepmul = 100 },
+  gc = { pause = 200, stepmul = 25, min_growth_bytes = 8388608 },
   http = {
     max_header_bytes = 16384,
     max_body_bytes   = 1048576,

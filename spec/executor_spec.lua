@@ -146,6 +146,32 @@ describe("fibril.executor", function()
     assert.are.same({ "run", { true }, "run", { false, err.message } }, order)
   end)
 
+  it("takes a request for call_new_fiber: its id is read only when the unit logs a line", function()
+    local lines, reads = capture_log(), 0
+    local function request()
+      return setmetatable({}, { __index = function(_, k)
+        if k == "id" then reads = reads + 1; return "r-6" end
+      end })
+    end
+    local quiet, loud = request(), request()
+    assert.is_true(fibril.await(fibril.schedule(function()
+      return executor.call_new_fiber(function() end, quiet)
+    end)))
+    assert.are.equal(0, reads)
+    assert.is_true(fibril.await(fibril.schedule(function()
+      return executor.call_new_fiber(function()
+        log.info("one")
+        log.info("two")
+        -- an inline subscriber's unit (call_nested) keeps the request's tag
+        executor.call_nested(function() log.info("nested") end, { sub = "s" })
+      end, loud)
+    end)))
+    assert.are.equal(1, reads)
+    assert.matches("msg=one req=r%-6$", lines[1])
+    assert.matches("msg=two req=r%-6$", lines[2])
+    assert.matches("msg=nested req=r%-6 sub=s$", lines[3])
+  end)
+
   it("is call inside a running unit: the callbacks run once and the unit's context stays", function()
     local runs, core = 0, require "fibril.core.fiber"
     on("to_run", function() runs = runs + 1 end)

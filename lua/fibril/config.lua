@@ -30,8 +30,12 @@ local function seconds(v)   -- NaN and inf fail too: every timeout is a real dea
   if not (v > 0 and v < huge) then return "a positive number of seconds" end
 end
 
-local function gc_percent(v)   -- collectgarbage("setpause"/"setstepmul"): 100 at least
+local function gc_pause(v)     -- collectgarbage("setpause"): below 100 a cycle never rests
   if not (integer(v) and v >= 100 and v <= 10000) then return "a whole number from 100 to 10000" end
+end
+
+local function gc_stepmul(v)   -- the least collectgarbage("setstepmul") (fibril.gc raises it)
+  if not (integer(v) and v >= 10 and v <= 10000) then return "a whole number from 10 to 10000" end
 end
 
 local function non_empty(v)
@@ -70,8 +74,9 @@ local SCHEMA = {
   ["log.level"]              = { "string",  "info",      one_of("debug", "info", "warn", "error") },
   ["log.format"]             = { "string",  "text",      one_of("text", "json") },
   ["log.access"]             = { "boolean", true },       -- one line per HTTP request on stdout
-  ["gc.pause"]               = { "number",  120,         gc_percent },  -- fibril run only
-  ["gc.stepmul"]             = { "number",  100,         gc_percent },
+  ["gc.pause"]               = { "number",  200,         gc_pause },    -- fibril run only
+  ["gc.stepmul"]             = { "number",  25,          gc_stepmul },  -- (lua/fibril/gc.lua)
+  ["gc.min_growth_bytes"]    = { "number",  8388608,     non_negative_integer },
   ["http.max_header_bytes"]  = { "number",  16384,       positive_integer },
   ["http.max_body_bytes"]    = { "number",  1048576,     positive_integer },
   ["http.max_url_bytes"]     = { "number",  8192,        positive_integer },

@@ -98,6 +98,11 @@ local function complete(ctx, previous, ok, ...)
   return ok, ...
 end
 
+local function request_id(req)
+  if type(req) == "table" then return req.id end
+  return req
+end
+
 local function new_context(tags)
   if type(tags) == "string" then return { active = true, req = tags } end
   return { active = true, tags = tags }
@@ -142,17 +147,19 @@ end
 --- does not restore the fiber's context afterwards (nothing runs in it after the unit):
 --- two fewer C calls per request than call, and fixed arguments the JIT compiles. In a fiber
 --- that has a context, or with the reloader's hook set (development), it is call.
-function M.call_new_fiber(fn, tags, a, b)
+---@param req string|table the unit's request id (its log tag), or the request: its `id` is
+--- then read only if the unit logs a line (a generated id is made when first read)
+function M.call_new_fiber(fn, req, a, b)
   -- The reloader's hook (development) runs before the unit's context is set: call does that.
-  if before_unit then return M.call(fn, tags, a, b) end
-  local ctx = new_context(tags)
+  if before_unit then return M.call(fn, request_id(req), a, b) end
+  local ctx = { active = true, req = req }
   local inside, previous = set_context(ctx)
   if not inside then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end
   if previous ~= nil then                  -- not a new fiber after all: this is call's case
     set_context(previous)
-    return M.call(fn, tags, a, b)
+    return M.call(fn, request_id(req), a, b)
   end
   local ok, result
   local err = run_callbacks_for_unit()
@@ -169,9 +176,11 @@ end
 ---@param tags table|nil log tags added to the outer unit's
 function M.call_nested(fn, tags, ...)
   local previous = context()
-  if previous and previous.tags then
+  -- The outer unit's tags: its table, or (a request unit that has logged nothing yet) its req.
+  local outer = previous and (previous.tags or (previous.req ~= nil and { req = request_id(previous.req) }))
+  if outer then
     local merged = {}
-    for k, v in pairs(previous.tags) do merged[k] = v end
+    for k, v in pairs(outer) do merged[k] = v end
     if tags then for k, v in pairs(tags) do merged[k] = v end end
     tags = merged
   end

@@ -66,12 +66,14 @@ local function sorted_keys(t)
   return keys
 end
 
--- The unit's tags table; a unit started with only a request id (executor.call) gets it here,
--- when it first logs a line.
+-- The unit's tags table; a unit started with only a request id, or a request (executor.call,
+-- call_new_fiber), gets it here, when it first logs a line.
 local function unit_tags(ctx)
   local tags = ctx.tags
-  if tags == nil and ctx.req ~= nil then
-    tags = { req = ctx.req }
+  local req = ctx.req
+  if tags == nil and req ~= nil then
+    if type(req) == "table" then req = req.id end
+    tags = { req = req }
     ctx.tags = tags
   end
   return tags

@@ -41,9 +41,17 @@ local function response(req)
 end
 M.response = response
 
--- req.remote_addr and req.remote_port are looked up (getpeername) only when read.
+-- Made when first read: req.remote_addr and req.remote_port (getpeername), and req.id for a
+-- generated id, which the server hands over as its counter in _id (runtime/http.c): most
+-- requests never read their id, and its string would be one more object to collect.
+local ID_PREFIX = core_http.id_prefix
 local request_mt = { __index = function(req, k)
-  if k == "remote_addr" or k == "remote_port" then
+  if k == "id" then
+    local id = rawget(req, "_id")
+    if type(id) == "number" then id = format("%s%08x", ID_PREFIX, id % 4294967296) end
+    rawset(req, "id", id)
+    return id
+  elseif k == "remote_addr" or k == "remote_port" then
     local res = rawget(req, "_res")
     local ip, port
     if type(res) == "number" then ip, port = token_remote(res) else ip, port = res:remote() end
@@ -82,7 +90,6 @@ function M.handler(app)
                                     .. "load:\n%s\n", req.id, app.load_error))
     end
     local router = app.router
-    setmetatable(req, request_mt)
     if app.public and (req.method == "GET" or req.method == "HEAD")
        and static.serve(app, req, response) then return end
     local route, params, allowed = router:match(req.method, req.path)
@@ -104,12 +111,13 @@ function M.handler(app)
     return SENT
   end
 
-  -- Each request is one unit of work (docs/executor.md), tagged with its request id, in the
-  -- fiber the HTTP server spawned for it.
+  -- Each request is one unit of work (docs/executor.md), tagged with its request id (read
+  -- only if the unit logs a line), in the fiber the HTTP server spawned for it.
   local call = executor.call_new_fiber
   return function(req, res)
     if rawget(req, "_res") == nil then req._res = res end   -- a request table made in Lua
-    local ok, err = call(serve, req.id, req, res)    -- err: serve's result when ok
+    setmetatable(req, request_mt)
+    local ok, err = call(serve, req, req, res)    -- err: serve's result when ok
     if ok and err == SENT then return end      -- answered (or the client left) by send
     res = response(req)                        -- the object: whatever the route left undone
     if ok then
@@ -173,10 +181,10 @@ end
 --- Runs the app in this process until a signal drains it: the server, the reloader in
 --- development, the daemons that belong here. Returns the exit status.
 function M.run(app)
-  -- The collector's pace for a serving process (docs/http.md, "Garbage collection"): smaller
-  -- steps, spread over more requests, than LuaJIT's 200/200.
-  collectgarbage("setpause", app.config.gc.pause)
-  collectgarbage("setstepmul", app.config.gc.stepmul)
+  -- The collector's pace for a serving process (docs/gc.md): a least growth between cycles
+  -- and gentle steps, worked out again after every cycle.
+  local gc = app.config.gc
+  require("fibril.gc").pace{ pause = gc.pause, stepmul = gc.stepmul, min_growth = gc.min_growth_bytes }
   require("fibril.log").configure(app.config.log)
   require("fibril.sse").configure(app.config.sse)
   require("fibril.pg").configure(app.config.database)   -- connects on first use only
