@@ -6,7 +6,7 @@
 #                          (gc.pause 200, gc.stepmul 25, gc.min_growth_bytes 8 MiB)
 #   fibril-level           FIBRIL_HTTP_LEVEL=1: libuv's level-triggered registration
 #   fibril-gc-luajit       LuaJIT's collector pace, 200/200 (apps/hello's bench_gc_luajit env)
-#   fibril-gc-120-100      the fixed pace fibril had before fibril.gc (bench_gc_120_100)
+#   fibril-gc-120-100      the fixed pace fibril had before fibril.gc (bench/hello_gc_fixed.lua)
 #   nginx-lua              the peer (../shared/bench)
 # Prints medians of req/s and latency percentiles, then paired ratios against `fibril`.
 # Asserts nothing. ROUNDS (default 8), DURATION (5 s), URL_PATH (/hello) tune it.
@@ -28,7 +28,7 @@ ports=(18182 18183 18184 18185 18180)
 pids+=("$(start cmd 18182 -- "$FIBRIL" run apps/hello --port '{PORT}' --env production)")
 pids+=("$(FIBRIL_HTTP_LEVEL=1 start cmd 18183 -- "$FIBRIL" run apps/hello --port '{PORT}' --env production)")
 pids+=("$(start cmd 18184 -- "$FIBRIL" run apps/hello --port '{PORT}' --env bench_gc_luajit)")
-pids+=("$(start cmd 18185 -- "$FIBRIL" run apps/hello --port '{PORT}' --env bench_gc_120_100)")
+pids+=("$(start cmd 18185 -- "$FIBRIL" bench/hello_gc_fixed.lua '{PORT}' 120 100)")
 pids+=("$(start nginx-lua 18180)")
 
 rounds=$(mktemp)
