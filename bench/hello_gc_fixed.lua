@@ -1,7 +1,6 @@
 -- apps/hello (production) with a fixed collector pace and no fibril.gc: what fibril ran with
 -- before lua/fibril/gc.lua, for bench/http_tail.sh to compare against.
 --   fibril bench/hello_gc_fixed.lua PORT PAUSE STEPMUL
-local fibril = require "fibril"
 local App = require "fibril.app"
 local server = require "fibril.server"
 

@@ -7,8 +7,9 @@
  * HTTP server starts for requests usually never get one, which saves a userdata (and its
  * share of the collector's atomic phase) per request. A finished fiber's struct outlives it
  * only while a handle can still read its results or error.
- * Values are anchored through runtime/anchor.c (table slots recycled by a C free list). */
-#include "fiber.h"
+ * Values are anchored through runtime/anchor.c (table slots recycled by a C free list).
+ * The Lua API (fibril.core.fiber) is fiber_api.c; fiber_internal.h is what the two share. */
+#include "fiber_internal.h"
 
 #include <lauxlib.h>
 #include <math.h>
@@ -27,87 +28,8 @@
  * tight loop pays for a poll only every few thousand fibers. */
 #define DRAIN_BUDGET 8192
 
-typedef enum {
-  FS_SCHEDULED,   /* created and queued, never resumed */
-  FS_READY,       /* queued with values to resume with */
-  FS_RUNNING,
-  FS_SUSPENDED,
-  FS_DONE,
-  FS_FAILED
-} fiber_state_t;
-
-typedef enum { W_NONE, W_SLEEP, W_JOIN, W_PARK, W_OP, W_FOREVER } wait_kind_t;
-
-#define FIBER_MAGIC 0x66696272u   /* "fibr": tells a fiber handle from other userdata */
-
-/* A fiber's handle. f is NULL once the fiber finished with nothing a handle could read
- * (no results, no error): its struct is then recycled and the handle answers from id. */
-typedef struct {
-  unsigned magic;
-  fb_fiber_t *f;
-  uint64_t id;
-} fiber_box_t;
-
-struct fb_fiber_s {
-  fiber_box_t *box;       /* the handle, or NULL while Lua has never asked for one */
-  lua_State *co;          /* NULL once nothing on its stack is needed any more */
-  int co_ref;             /* anchor slot of co while alive and, once done, of its results;
-                             released in fiber_finish() (no results) or fiber_gc() */
-  int self_ref;           /* anchor slot of the handle (when there is one) while alive;
-                             released in fiber_finish() only */
-  int err_ref;            /* FS_FAILED: anchor slot of the error object; fiber_gc() only */
-  int ctx_ref;            /* anchor slot of the unit-of-work context table (executor), shared
-                             with the fibers it schedules; released in fiber_finish() */
-  uint64_t id;
-  uint8_t state, wait;
-  uint8_t cancel_pending; /* raise "cancelled" at the next suspension point */
-  uint8_t err_observed;   /* an await saw the error: no "never awaited" report */
-  uint8_t is_main;
-  int nargs;              /* values on co's stack for the next resume */
-  const char *wait_who;   /* API name of the current wait, for timeout and deadlock messages:
-                             a static string, or park_who */
-  char park_who[40];      /* the name a Lua-level wait (channel, semaphore) gave park() */
-  double wait_timeout;
-  fb_fiber_t *target;     /* W_JOIN: the fiber awaited */
-  fb_fiber_t *joiners;    /* fibers awaiting this one, linked through join_next/join_prev */
-  fb_fiber_t *join_next, *join_prev;
-  uv_timer_t *timer;      /* created on first timed wait; closed in fiber_finish() */
-  fb_fiber_t *live_next, *live_prev;   /* S.live while alive; S.free_fibers once recycled */
-  fb_fiber_cancel_cb on_cancel;
-  void *on_cancel_data;
-  fb_fiber_done_cb on_done;
-  uint64_t done_arg;
-};
-
-static struct {
-  lua_State *L;           /* the main state: builds error objects, owns the registry */
-  uv_loop_t *loop;
-  uv_check_t check;       /* drains the ready queue after each poll */
-  uv_idle_t idle;         /* active while the queue is non-empty, so poll does not block */
-  fb_fiber_t **q;         /* ready queue: ring buffer, capacity a power of two */
-  size_t qhead, qlen, qcap;
-  fb_fiber_t *current;
-  fb_fiber_t *main;
-  int main_finished;
-  int exit_requested, exit_code;
-  uint64_t next_id;
-  int mt_ref;             /* handle metatable: no __gc, so collecting a handle that holds
-                             nothing costs no finalizer call */
-  int mt_gc_ref;          /* the same with __gc: set at finish on handles holding results or
-                             an error (refs to release, an unobserved error to report) */
-  fb_fiber_t *live;       /* every live fiber (live_next/live_prev): closed at shutdown */
-  size_t live_fibers, live_handles;
-  /* Coroutines of fibers that returned nothing, kept anchored for the next fiber: LuaJIT
-   * resumes a finished coroutine afresh when a new function is pushed on it, and reuse saves
-   * a lua_newthread and its collection per fiber (one per HTTP request). */
-  lua_State *pool[256];
-  int pool_ref[256];
-  int npool;
-  fb_fiber_t *free_fibers;   /* recycled structs (at most FREE_FIBERS_MAX), linked by live_next */
-  size_t nfree_fibers;
-  fb_close_hook close_hooks[16];   /* fb_sched_on_close, run by the close sentinel's __gc */
-  int nclose_hooks;
-} S;
+#define S fb_sched            /* the one scheduler (fiber_internal.h) */
+fb_sched_t fb_sched;
 
 #define FREE_FIBERS_MAX 1024
 
@@ -229,7 +151,7 @@ void fb_fiber_on_cancel(fb_fiber_t *f, fb_fiber_cancel_cb cb, void *data) {
 
 /* Creates the fiber's timer if it has none; raises on OOM, so call it before linking the
  * fiber into any wait. */
-static void timer_ensure(lua_State *L, fb_fiber_t *f) {
+void fb_fiber_timer_ensure(lua_State *L, fb_fiber_t *f) {
   if (f->timer) return;
   f->timer = malloc(sizeof *f->timer);
   if (!f->timer) luaL_error(L, "%s: out of memory", f->wait_who);
@@ -239,7 +161,7 @@ static void timer_ensure(lua_State *L, fb_fiber_t *f) {
 
 static void timer_start(lua_State *L, fb_fiber_t *f, double timeout) {
   double ms = ceil(timeout * 1000.0);
-  timer_ensure(L, f);
+  fb_fiber_timer_ensure(L, f);
   f->timer->data = f;
   f->wait_timeout = timeout;
   /* The loop's clock was read when this turn began; fibers may have run long since, and a
@@ -265,7 +187,7 @@ void fb_fiber_ready(fb_fiber_t *f, int nresults) {
 }
 
 /* Seconds from argument idx: none/nil/math.huge = wait forever (-1). */
-static double opt_timeout(lua_State *L, int idx, const char *who) {
+double fb_fiber_opt_timeout(lua_State *L, int idx, const char *who) {
   double t;
   if (lua_isnoneornil(L, idx)) return -1;
   if (lua_type(L, idx) != LUA_TNUMBER)
@@ -278,7 +200,7 @@ static double opt_timeout(lua_State *L, int idx, const char *who) {
 
 /* ---- fiber lifecycle ----------------------------------------------------------------- */
 
-static fiber_box_t *check_box(lua_State *L, int idx, const char *who) {
+fiber_box_t *fb_fiber_check_box(lua_State *L, int idx, const char *who) {
   fiber_box_t *b = lua_touserdata(L, idx);
   if (b && lua_objlen(L, idx) == sizeof *b && b->magic == FIBER_MAGIC) return b;
   luaL_error(L, "%s: expected a fiber, got %s", who, luaL_typename(L, idx));
@@ -286,8 +208,8 @@ static fiber_box_t *check_box(lua_State *L, int idx, const char *who) {
 }
 
 /* The fiber behind a handle, or NULL when it finished and was recycled (done, no results). */
-static fb_fiber_t *check_fiber(lua_State *L, int idx, const char *who) {
-  return check_box(L, idx, who)->f;
+fb_fiber_t *fb_fiber_check_handle(lua_State *L, int idx, const char *who) {
+  return fb_fiber_check_box(L, idx, who)->f;
 }
 
 static fb_fiber_t *fiber_alloc(void) {
@@ -302,7 +224,7 @@ static fb_fiber_t *fiber_alloc(void) {
   return f;
 }
 
-static void fiber_free(fb_fiber_t *f) {
+void fb_fiber_free(fb_fiber_t *f) {
   if (S.nfree_fibers >= FREE_FIBERS_MAX) {
     free(f);
     return;
@@ -313,7 +235,7 @@ static void fiber_free(fb_fiber_t *f) {
 }
 
 /* Pushes f's handle, making it (anchored while f is alive) on first use. */
-static void push_handle(lua_State *L, fb_fiber_t *f) {
+void fb_fiber_push_handle(lua_State *L, fb_fiber_t *f) {
   fiber_box_t *b;
   int t;
   if (f->box) {
@@ -377,12 +299,12 @@ void fb_fiber_on_done(fb_fiber_t *f, fb_fiber_done_cb cb, uint64_t arg) {
 /* The same, and pushes its handle. */
 fb_fiber_t *fb_fiber_spawn(lua_State *L, int nargs) {
   fb_fiber_t *f = fb_fiber_start(L, nargs);
-  push_handle(L, f);
+  fb_fiber_push_handle(L, f);
   return f;
 }
 
 /* Copies the fiber's k results (at 1..k of its stack) onto L. */
-static void push_results(lua_State *L, fb_fiber_t *t, int k) {
+void fb_fiber_push_results(lua_State *L, fb_fiber_t *t, int k) {
   int i;
   if (k == 0) return;
   luaL_checkstack(L, k, "too many results");
@@ -391,7 +313,7 @@ static void push_results(lua_State *L, fb_fiber_t *t, int k) {
   lua_xmove(t->co, L, k);
 }
 
-static int result_count(fb_fiber_t *t) { return t->co ? lua_gettop(t->co) : 0; }
+int fb_fiber_result_count(fb_fiber_t *t) { return t->co ? lua_gettop(t->co) : 0; }
 
 static int raw_string_field_is(lua_State *L, int idx, const char *key, const char *value) {
   int yes;
@@ -457,7 +379,7 @@ static void report_main_error(fb_fiber_t *f) {
 
 /* A finished fiber that no handle can read any more: an error nobody awaited is logged, and
  * its results and error are released. */
-static void release_finished(lua_State *L, fb_fiber_t *f) {
+void fb_fiber_release_finished(lua_State *L, fb_fiber_t *f) {
   int t;
   if (f->state == FS_FAILED && !f->err_observed) {
     char msg[8192];
@@ -518,7 +440,7 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
     j->wait = W_NONE;
     lua_checkstack(j->co, k + 1);
     lua_pushboolean(j->co, ok);
-    if (ok) push_results(j->co, f, k);
+    if (ok) fb_fiber_push_results(j->co, f, k);
     else {
       lua_rawgeti(S.L, t, f->err_ref);
       lua_xmove(S.L, j->co, 1);
@@ -555,11 +477,11 @@ static void fiber_finish(fb_fiber_t *f, int ok) {
   lua_settop(S.L, t - 1);
   S.live_fibers--;
   if (!f->box) {                   /* nothing can reach it: say what failed, then recycle */
-    release_finished(S.L, f);
-    fiber_free(f);
+    fb_fiber_release_finished(S.L, f);
+    fb_fiber_free(f);
   } else if (ok && k == 0) {       /* the handle answers "done" on its own */
     f->box->f = NULL;
-    fiber_free(f);
+    fb_fiber_free(f);
   }
 }
 
@@ -607,100 +529,7 @@ void fb_sched_run_ready(void) {
   drain(NULL);
 }
 
-/* ---- Lua API (module fibril.core.fiber; lua/fibril/init.lua wraps it) ---------------- */
-
-static int l_spawn(lua_State *L) {
-  if (lua_type(L, 1) != LUA_TFUNCTION)
-    return luaL_error(L, "fibril.schedule: expected a function, got %s", luaL_typename(L, 1));
-  fb_fiber_spawn(L, lua_gettop(L) - 1);
-  return 1;
-}
-
-static int l_current(lua_State *L) {
-  fb_fiber_t *f = S.current;
-  if (!f || f->co != L) return 0;
-  push_handle(L, f);
-  return 1;
-}
-
-/* join(handle [, timeout]) -> true, results... | false, err (it failed) | nil, err (timeout,
- * cancelled). Returns at once when the fiber has finished. */
-static int l_join(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1, "fibril.await"), *f, *c;
-  double timeout = opt_timeout(L, 2, "fibril.await");
-  if (!t) {                                  /* done, with no results */
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  if (t->state == FS_DONE) {
-    int k = result_count(t);
-    lua_pushboolean(L, 1);
-    push_results(L, t, k);
-    return k + 1;
-  }
-  if (t->state == FS_FAILED) {
-    t->err_observed = 1;
-    lua_pushboolean(L, 0);
-    fb_push_anchored(L, t->err_ref);
-    return 2;
-  }
-  f = fb_fiber_check(L, "fibril.await");
-  for (c = t; c; c = c->wait == W_JOIN ? c->target : NULL)
-    if (c == f) {
-      fb_error_push(L, "deadlock", "fibril.await: deadlock: fiber %llu would wait for itself "
-                    "(through fiber %llu)", (unsigned long long)f->id, (unsigned long long)t->id);
-      return lua_error(L);
-    }
-  if (timeout >= 0) timer_ensure(L, f);
-  f->target = t;
-  f->join_prev = NULL;
-  f->join_next = t->joiners;
-  if (t->joiners) t->joiners->join_prev = f;
-  t->joiners = f;
-  f->wait = W_JOIN;
-  return fb_fiber_suspend(L, f, timeout);
-}
-
-static int l_sleep(lua_State *L) {
-  fb_fiber_t *f;
-  double s;
-  if (lua_type(L, 1) != LUA_TNUMBER || !(lua_tonumber(L, 1) >= 0))
-    return luaL_error(L, "fibril.sleep: seconds must be a non-negative number");
-  s = lua_tonumber(L, 1);
-  f = fb_fiber_check(L, "fibril.sleep");
-  f->wait = W_SLEEP;
-  return fb_fiber_suspend(L, f, s > 1e9 ? 1e9 : s);
-}
-
-/* park([timeout [, who]]): suspends until wake(), a timeout or cancel. The building block of
- * channels, semaphores and conditions in Lua. */
-static int l_park(lua_State *L) {
-  const char *who = luaL_optstring(L, 2, "fibril.park");
-  double timeout = opt_timeout(L, 1, who);
-  fb_fiber_t *f = fb_fiber_check(L, who);
-  /* The Lua string may be collected while we wait: keep a copy. */
-  snprintf(f->park_who, sizeof f->park_who, "%s", who);
-  f->wait_who = f->park_who;
-  f->wait = W_PARK;
-  return fb_fiber_suspend(L, f, timeout);
-}
-
-/* wake(handle, values...) -> true when the fiber was parked and is now queued with
- * (true, values...); false otherwise (it already timed out, was cancelled or finished). */
-static int l_wake(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1, "fibril.wake");
-  int n = lua_gettop(L) - 1;
-  if (!t || t->state != FS_SUSPENDED || t->wait != W_PARK) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  lua_checkstack(t->co, n + 1);
-  lua_pushboolean(t->co, 1);
-  lua_xmove(L, t->co, n);
-  fb_fiber_ready(t, n + 1);
-  lua_pushboolean(L, 1);
-  return 1;
-}
+/* ---- cancellation ------------------------------------------------------------------- */
 
 int fb_fiber_cancel(fb_fiber_t *t) {
   switch (t->state) {
@@ -719,210 +548,8 @@ int fb_fiber_cancel(fb_fiber_t *t) {
   return 1;
 }
 
-static int l_cancel(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1, "fibril.cancel");
-  lua_pushboolean(L, t && fb_fiber_cancel(t));
-  return 1;
-}
-
-static const char *state_names[] = { "scheduled", "ready", "running", "suspended", "done",
-                                     "failed" };
-
-static int l_status(lua_State *L) {
-  fb_fiber_t *t = check_fiber(L, 1, "fiber:status");
-  if (!t) {
-    lua_pushstring(L, state_names[FS_DONE]);
-    return 1;
-  }
-  if (t->state == FS_FAILED) {
-    fb_push_anchored(L, t->err_ref);
-    lua_getfield(L, -1, "code");
-    if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "cancelled") == 0) {
-      lua_pushliteral(L, "cancelled");
-      return 1;
-    }
-    lua_pop(L, 2);
-  }
-  lua_pushstring(L, state_names[t->state]);
-  return 1;
-}
-
-static int l_id(lua_State *L) {
-  lua_pushnumber(L, (lua_Number)check_box(L, 1, "fiber:id")->id);
-  return 1;
-}
-
-static int l_fiber_tostring(lua_State *L) {
-  fiber_box_t *b = check_box(L, 1, "tostring");
-  lua_pushfstring(L, "fiber %d (%s)", (int)b->id, state_names[b->f ? b->f->state : FS_DONE]);
-  return 1;
-}
-
-/* One idempotent release for a finished fiber's handle that Lua no longer reaches (live
- * fibers have no __gc: fb_sched_shutdown closes their timers before lua_close). */
-static int l_fiber_gc(lua_State *L) {
-  fiber_box_t *b = check_box(L, 1, "__gc");
-  fb_fiber_t *f = b->f;
-  if (!f) return 0;
-  b->f = NULL;
-  release_finished(L, f);
-  fiber_free(f);
-  return 0;
-}
-
-/* exit(code): stops the loop after this turn; the calling fiber never resumes. Returns false
- * when called where it cannot suspend, and the caller then exits the process directly. */
-static int l_exit(lua_State *L) {
-  fb_fiber_t *f = S.current;
-  S.exit_code = (int)luaL_optinteger(L, 1, 0);
-  S.exit_requested = 1;
-  uv_stop(S.loop);
-  if (f && f->co == L && lua_isyieldable(L)) {
-    f->wait = W_FOREVER;
-    f->wait_who = "fibril.exit";
-    f->state = FS_SUSPENDED;
-    return lua_yield(L, 0);
-  }
-  lua_pushboolean(L, 0);
-  return 1;
-}
-
-/* os.exit(code [, close]): inside a fiber it is fibril.exit, so the process ends through the
- * usual teardown (every handle closed, every __gc run) instead of C's exit() in the middle of
- * a coroutine, which leaves C memory held by Lua objects unreleased. */
-static int l_os_exit(lua_State *L) {
-  int code = lua_isboolean(L, 1) ? (lua_toboolean(L, 1) ? 0 : 1) : (int)luaL_optinteger(L, 1, 0);
-  fb_fiber_t *f = S.current;
-  fflush(stdout);
-  S.exit_code = code;
-  if (f && f->co == L && lua_isyieldable(L)) {
-    S.exit_requested = 1;
-    uv_stop(S.loop);
-    f->wait = W_FOREVER;
-    f->wait_who = "os.exit";
-    f->state = FS_SUSPENDED;
-    return lua_yield(L, 0);
-  }
-  exit(code);
-}
-
-/* context() -> the running fiber's context table, or nil (none, or not in a fiber). */
-static int l_context(lua_State *L) {
-  fb_fiber_t *f = S.current;
-  if (!f || f->co != L || f->ctx_ref == NO_SLOT) return 0;
-  fb_push_anchored(L, f->ctx_ref);
-  return 1;
-}
-
-/* set_context(table|nil): replaces the running fiber's context; fibers it schedules from now
- * on inherit the new one. Returns true and the context it replaced (nil if none), or false
- * outside a fiber. */
-static int l_set_context(lua_State *L) {
-  fb_fiber_t *f = S.current;
-  int t;
-  if (!f || f->co != L) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
-  t = fb_anchors_push(L);
-  lua_pushboolean(L, 1);                     /* stack: ... anchors true */
-  if (f->ctx_ref != NO_SLOT) lua_rawgeti(L, t, f->ctx_ref);
-  else lua_pushnil(L);                       /* stack: ... anchors true previous */
-  fb_unanchor(L, t, f->ctx_ref);
-  f->ctx_ref = NO_SLOT;
-  if (!lua_isnoneornil(L, 1)) {
-    lua_pushvalue(L, 1);
-    f->ctx_ref = fb_anchor(L, t);
-  }
-  return 2;
-}
-
-static int l_walltime(lua_State *L) {
-  uv_timeval64_t tv;
-  uv_gettimeofday(&tv);
-  lua_pushnumber(L, (lua_Number)tv.tv_sec + (lua_Number)tv.tv_usec / 1e6);
-  return 1;
-}
-
-static int l_now(lua_State *L) {
-  lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
-  return 1;
-}
-
-static int l_new_error(lua_State *L) {
-  fb_error_push(L, luaL_optstring(L, 1, NULL), "%s", luaL_checkstring(L, 2));
-  return 1;
-}
-
-static int l_live(lua_State *L) {
-  lua_createtable(L, 0, 4);
-  lua_pushnumber(L, (lua_Number)S.live_fibers);
-  lua_setfield(L, -2, "fibers");
-  lua_pushnumber(L, (lua_Number)(fb_anchor_live() - (size_t)S.npool));  /* the pool: a cache */
-  lua_setfield(L, -2, "refs");
-  lua_pushnumber(L, (lua_Number)S.live_handles);
-  lua_setfield(L, -2, "handles");
-  lua_pushnumber(L, (lua_Number)S.qlen);
-  lua_setfield(L, -2, "queued");
-  return 1;
-}
-
-static const luaL_Reg fiber_methods[] = {
-  { "cancel", l_cancel },
-  { "status", l_status },
-  { "id", l_id },
-  { NULL, NULL }
-};
-
-static const luaL_Reg core_funcs[] = {
-  { "spawn", l_spawn },
-  { "current", l_current },
-  { "join", l_join },
-  { "sleep", l_sleep },
-  { "park", l_park },
-  { "wake", l_wake },
-  { "cancel", l_cancel },
-  { "status", l_status },
-  { "exit", l_exit },
-  { "now", l_now },
-  { "walltime", l_walltime },
-  { "error", l_new_error },
-  { "live", l_live },
-  { "context", l_context },
-  { "set_context", l_set_context },
-  { NULL, NULL }
-};
-
-int luaopen_fibril_core_fiber(lua_State *L) {
-  lua_newtable(L);
-  luaL_setfuncs(L, core_funcs, 0);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_ref);
-  lua_setfield(L, -2, "fiber_metatable");
-  lua_rawgeti(L, LUA_REGISTRYINDEX, S.mt_gc_ref);
-  lua_setfield(L, -2, "done_fiber_metatable");
-  luaL_getmetatable(L, FB_ERROR_MT);
-  lua_setfield(L, -2, "error_metatable");
-  return 1;
-}
 
 /* ---- scheduler set-up and the main fiber ----------------------------------------------- */
-
-/* With the methods table on top, makes a handle metatable and returns a registry ref. */
-static int new_fiber_metatable(lua_State *L, int with_gc) {
-  lua_createtable(L, 0, 4);
-  lua_pushvalue(L, -2);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_fiber_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushliteral(L, "fiber");
-  lua_setfield(L, -2, "__name");
-  if (with_gc) {
-    lua_pushcfunction(L, l_fiber_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  return luaL_ref(L, LUA_REGISTRYINDEX);
-}
 
 void fb_sched_on_close(fb_close_hook hook) {
   int i;
@@ -953,11 +580,7 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   uv_unref((uv_handle_t *)&S.check);         /* draining alone never keeps the process up */
   uv_idle_init(loop, &S.idle);
 
-  lua_newtable(L);                           /* stack: methods */
-  luaL_setfuncs(L, fiber_methods, 0);
-  S.mt_ref = new_fiber_metatable(L, 0);
-  S.mt_gc_ref = new_fiber_metatable(L, 1);
-  lua_pop(L, 1);
+  fb_fiber_api_init(L);                      /* handle metatables, os.exit */
   fb_error_init(L);
   lua_newuserdata(L, 1);                     /* stack: sentinel */
   lua_createtable(L, 0, 1);
@@ -965,10 +588,6 @@ void fb_sched_init(lua_State *L, uv_loop_t *loop) {
   lua_setfield(L, -2, "__gc");
   lua_setmetatable(L, -2);
   luaL_ref(L, LUA_REGISTRYINDEX);            /* lives until lua_close */
-  lua_getglobal(L, "os");
-  lua_pushcfunction(L, l_os_exit);
-  lua_setfield(L, -2, "exit");
-  lua_pop(L, 1);
 }
 
 int fb_sched_run_main(lua_State *L, int nargs) {

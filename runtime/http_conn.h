@@ -113,6 +113,15 @@ void fb_http_request_done(fb_http_conn_t *c);
 void fb_http_stop_reading(fb_http_conn_t *c);
 void fb_http_restart_reading(fb_http_conn_t *c);
 
+/* http_request.c: parsing a request and handing it to its fiber. */
+void fb_http_request_init(lua_State *L);          /* llhttp settings, interned strings */
+void fb_http_parser_init(fb_http_conn_t *c);      /* a new connection's parser */
+/* Parses bytes that arrived; a complete request is dispatched, a bad one answered. */
+void fb_http_parse(fb_http_conn_t *c, const char *data, size_t len);
+void fb_http_spans_put(fb_http_conn_t *c);        /* gives back the head's header spans */
+void fb_http_spans_free(void);                    /* at shutdown: the pool's spare ones */
+const char *fb_http_id_prefix(void);              /* of generated request ids */
+
 /* http_edge.c: edge-triggered reads (why and the rules: the file's opening comment). */
 void fb_http_edge_arm(fb_http_conn_t *c);         /* after a read that emptied the socket */
 void fb_http_edge_full_read(fb_http_conn_t *c);   /* a read filled the buffer: level again */
