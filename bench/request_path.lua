@@ -34,7 +34,7 @@ local function round(path, count)
   for i = 1, count do
     local res = setmetatable({}, response)
     local req = { method = "GET", path = path, target = path, version = "1.1",
-                  id = "5e1a9c0d00000001", headers = { host = "127.0.0.1:3000" }, body = "",
+                  _id = i, headers = { host = "127.0.0.1:3000" }, body = "",
                   _res = res }
     schedule(handler, req, res)
     if i % 64 == 0 then sleep(0) end       -- the scheduler runs the 64 fibers

@@ -264,6 +264,28 @@ describe("static files from APP/public/", function()
     assert.are.equal(404, get(port, "/missing.css").status)
   end)
 
+  it("sends a routed GET on without touching the disk, once public/ is known to lack its name", function()
+    local calls, realpath, lstat = {}, fs.realpath, fs.lstat
+    fs.realpath = function(p, ...) calls[#calls + 1] = "realpath " .. p; return realpath(p, ...) end
+    fs.lstat = function(p, ...) calls[#calls + 1] = "lstat " .. p; return lstat(p, ...) end
+    local ok, err = pcall(function()
+      for _ = 1, 5 do assert.are.equal("dynamic", get(port, "/dyn").body) end
+      assert.are.equal(404, get(port, "/dyn/more").status)
+      -- a file under a name public/ has is still found
+      assert.are.equal("deep", get(port, "/sub/deep.txt").body)
+    end)
+    fs.realpath, fs.lstat = realpath, lstat
+    assert(ok, err)
+    local dyn = 0
+    for _, c in ipairs(calls) do if c:find("/dyn", 1, true) then dyn = dyn + 1 end end
+    assert.is_true(dyn <= 2, table.concat(calls, "\n"))   -- one lstat, or two across a second
+    -- a file added under a new top-level name is served once the second has passed
+    support.write("static_app/public/fresh.txt", "fresh")
+    local deadline = fibril.now() + 3
+    while get(port, "/fresh.txt").status ~= 200 and fibril.now() < deadline do fibril.sleep(0.1) end
+    assert.are.equal("fresh", get(port, "/fresh.txt").body)
+  end)
+
   it("closes every file it opened", function()
     assert.are.equal(baseline, settled(baseline))
   end)

@@ -3,6 +3,7 @@
 --- streamed in chunks. A path that could leave public/ is never served; static.serve then
 --- declines and the router answers (404 unless a route matches). docs/static.md is the guide.
 local fs = require "fibril.core.fs"
+local now = require("fibril.core.fiber").now
 
 local byte, char, find, sub, gsub, lower, match, format =
       string.byte, string.char, string.find, string.sub, string.gsub, string.lower, string.match,
@@ -106,6 +107,27 @@ local function real_root(public)
   root = fs.realpath(public)
   if root then roots[public] = root end
   return root
+end
+
+-- Whether public/ has an entry named as the path's first segment, remembered for a second:
+-- most GETs of an app with public/ go on to a route (/api/users/1), and without this each
+-- would first wait for a realpath on the thread pool that can only fail. At most MAX_SEEN
+-- names are remembered per second (the rest are looked up each time), so bad URLs cannot
+-- grow it. A file added under a new top-level name is served within a second.
+local MAX_SEEN = 512
+local seen, seen_at, nseen = {}, 0, 0
+
+local function first_entry_exists(root, rel)
+  local first = match(rel, "^[^/]+")
+  if not first then return true end          -- the root itself
+  local t = now()
+  if t - seen_at >= 1 then seen, seen_at, nseen = {}, t, 0 end
+  local key = root .. "/" .. first
+  local known = seen[key]
+  if known ~= nil then return known end
+  local exists = fs.lstat(key) ~= nil        -- a link counts: realpath decides where it lands
+  if nseen < MAX_SEEN then seen[key], nseen = exists, nseen + 1 end
+  return exists
 end
 
 -- ---- dates and validators ------------------------------------------------------------------
@@ -282,7 +304,7 @@ function M.serve(app, req, response_of)
   local rel, slash = clean(req.path)
   if not rel then return false end
   local root = real_root(app.public)
-  if not root then return false end
+  if not root or not first_entry_exists(root, rel) then return false end
   local name = rel == "" and root or root .. "/" .. rel
   if slash then name = name .. "/index.html" end
 
