@@ -4,7 +4,7 @@
 --- what the last cycle kept, then each KiB allocated pays for a step of `stepmul` * 10 units
 --- of work (marking costs about a unit per byte marked; sweeping 40 objects, 400). On its own
 --- that paces a small heap badly: a served app keeps ~0.5 MiB alive, so a cycle starts every
---- few hundred requests, marks everything again, and then frees the requests' garbage in
+--- thousand requests or so, marks everything again, and then frees the requests' garbage in
 --- bursts at a rate set by stepmul (the requests of a burst take ~20-30% longer: that is the
 --- latency tail). pace() adds what Go's collector has and LuaJIT lacks:
 --- - a least growth in bytes (min_growth): a cycle starts after the heap has grown by

@@ -42,7 +42,7 @@ end
 M.response = response
 
 -- Made when first read: req.remote_addr and req.remote_port (getpeername), and req.id for a
--- generated id, which the server hands over as its counter in _id (runtime/http.c): most
+-- generated id, which the server hands over as its counter in _id (runtime/http_request.c): most
 -- requests never read their id, and its string would be one more object to collect.
 local ID_PREFIX = core_http.id_prefix
 local request_mt = { __index = function(req, k)
