@@ -13,6 +13,13 @@ local context, set_context = core.context, core.set_context
 
 local M = {}
 
+-- A unit's context, the table core.fiber's set_context gives the fiber (and the fibers it
+-- schedules inherit), is an array of five slots, false when empty: an array part that small
+-- lives inside the table's own allocation, where five named fields would need a second one
+-- for the hash part (a request makes one of these: one object fewer to collect). REQ is the
+-- request id or the request, TAGS the log tags; log.lua reads those and keeps TAG_KEYS (5).
+local ACTIVE, REQ, LOCALS, TAGS = 1, 2, 3, 4
+
 local run_callbacks, complete_callbacks, prepare_callbacks = {}, {}, {}
 local before_unit                  -- the reloader's hook: swap stale code before a unit
 
@@ -84,10 +91,8 @@ local function retire(ctx, ok, err)
     if ok then err = nil end
     for i = n, 1, -1 do call_safely("to_complete", complete_callbacks[i], ok, err) end
   end
-  ctx.active = false
-  -- Unit state never outlives the unit. (Only when there is some: storing nil under a key the
-  -- table lacks adds the key, and a request's context has room for two.)
-  if ctx.locals ~= nil then ctx.locals = nil end
+  ctx[ACTIVE] = false
+  if ctx[LOCALS] then ctx[LOCALS] = false end   -- unit state never outlives the unit
 end
 
 -- retire, and the fiber's context goes back to previous (it may live on: a script, a test
@@ -104,8 +109,8 @@ local function request_id(req)
 end
 
 local function new_context(tags)
-  if type(tags) == "string" then return { active = true, req = tags } end
-  return { active = true, tags = tags }
+  if type(tags) == "string" then return { true, tags, false, false, false } end
+  return { true, false, false, tags or false, false }
 end
 
 -- The to_run callbacks; returns the error of the first that fails, or nil.
@@ -127,7 +132,7 @@ end
 --- id, the tag req=id (fibril.log makes the tags table only if a line is logged)
 function M.call(fn, tags, ...)
   local previous = context()
-  if previous and previous.active then return xpcall(fn, add_traceback, ...) end
+  if previous and previous[ACTIVE] then return xpcall(fn, add_traceback, ...) end
   if before_unit then before_unit() end
   local ctx = new_context(tags)
   if not set_context(ctx) then
@@ -152,7 +157,7 @@ end
 function M.call_new_fiber(fn, req, a, b)
   -- The reloader's hook (development) runs before the unit's context is set: call does that.
   if before_unit then return M.call(fn, request_id(req), a, b) end
-  local ctx = { active = true, req = req }
+  local ctx = { true, req, false, false, false }
   local inside, previous = set_context(ctx)
   if not inside then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
@@ -177,14 +182,14 @@ end
 function M.call_nested(fn, tags, ...)
   local previous = context()
   -- The outer unit's tags: its table, or (a request unit that has logged nothing yet) its req.
-  local outer = previous and (previous.tags or (previous.req ~= nil and { req = request_id(previous.req) }))
+  local outer = previous and (previous[TAGS] or (previous[REQ] and { req = request_id(previous[REQ]) }))
   if outer then
     local merged = {}
     for k, v in pairs(outer) do merged[k] = v end
     if tags then for k, v in pairs(tags) do merged[k] = v end end
     tags = merged
   end
-  local ctx = { active = true, tags = tags }
+  local ctx = { true, false, false, tags or false, false }
   if not set_context(ctx) then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end
@@ -201,7 +206,7 @@ end
 ---@param opts table|nil { tags = { req = id } } log tags for the unit
 function M.wrap(fn, opts, ...)
   local previous = context()
-  if previous and previous.active then return fn(...) end
+  if previous and previous[ACTIVE] then return fn(...) end
   return raise_or_return(M.call(fn, opts and opts.tags, ...))
 end
 
@@ -210,16 +215,16 @@ end
 ---@return table|nil
 function M.locals()
   local ctx = context()
-  if not ctx or not ctx.active then return nil end
-  local t = ctx.locals
-  if not t then t = {}; ctx.locals = t end
+  if not ctx or not ctx[ACTIVE] then return nil end
+  local t = ctx[LOCALS]
+  if not t then t = {}; ctx[LOCALS] = t end
   return t
 end
 
 --- True inside a unit of work.
 function M.active()
   local ctx = context()
-  return ctx ~= nil and ctx.active == true
+  return ctx ~= nil and ctx[ACTIVE] == true
 end
 
 return M

@@ -66,23 +66,26 @@ local function sorted_keys(t)
   return keys
 end
 
--- The unit's tags table; a unit started with only a request id, or a request (executor.call,
--- call_new_fiber), gets it here, when it first logs a line.
+-- Slots of a unit's context, an array with false for empty (lua/fibril/executor.lua says why).
+local REQ, TAGS, TAG_KEYS = 2, 4, 5
+
+-- The unit's tags table, or nil; a unit started with only a request id, or a request
+-- (executor.call, call_new_fiber), gets it here, when it first logs a line.
 local function unit_tags(ctx)
-  local tags = ctx.tags
-  local req = ctx.req
-  if tags == nil and req ~= nil then
-    if type(req) == "table" then req = req.id end
-    tags = { req = req }
-    ctx.tags = tags
-  end
+  local tags = ctx[TAGS]
+  if tags then return tags end
+  local req = ctx[REQ]
+  if not req then return nil end
+  if type(req) == "table" then req = req.id end
+  tags = { req = req }
+  ctx[TAGS] = tags
   return tags
 end
 
 local function emit(level, msg, fields)
   if LEVELS[level] < min_level then return end
   local ctx = context()
-  local tag_keys, tags = ctx and ctx.tag_keys, ctx and unit_tags(ctx)
+  local tag_keys, tags = ctx and ctx[TAG_KEYS], ctx and unit_tags(ctx)
   if json_format then
     local obj = { ts = timestamp(), level = level, msg = tostring(msg) }
     if tags then for k, v in pairs(tags) do obj[k] = v end end
@@ -118,9 +121,9 @@ function M.tag(key, value)
   local ctx = context()
   if not ctx then return false end
   local tags = unit_tags(ctx)
-  if not tags then tags = {}; ctx.tags = tags end
-  local keys = ctx.tag_keys
-  if not keys then keys = sorted_keys(tags); ctx.tag_keys = keys end
+  if not tags then tags = {}; ctx[TAGS] = tags end
+  local keys = ctx[TAG_KEYS]
+  if not keys then keys = sorted_keys(tags); ctx[TAG_KEYS] = keys end
   if tags[key] == nil then keys[#keys + 1] = key end
   tags[key] = value
   return true
