@@ -3,7 +3,7 @@
 -- LuaJIT's own pace and with fibril.gc's least growth and gentle steps.
 local gc = require "fibril.gc"
 
--- ~0.5 KiB and 7 objects of garbage, like one small request; `live` holds the last 64.
+-- ~0.5 KiB and a few objects of garbage, like one small request; `live` holds the last 64.
 local live = {}
 local function request(i)
   live[i % 64 + 1] = { method = "GET", path = "/hello", headers = { host = "example" },
