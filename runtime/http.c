@@ -436,6 +436,7 @@ int luaopen_fibril_core_http(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "listen", l_listen }, { "live", l_live }, { "head_lines", fb_http_l_head_lines },
     { "send", fb_http_l_send }, { "response", fb_http_l_response }, { "remote", fb_http_l_remote },
+    { "id_string", fb_http_l_id_string },
     { NULL, NULL }
   };
   if (luaL_newmetatable(L, SERVER_MT)) {
@@ -450,8 +451,6 @@ int luaopen_fibril_core_http(lua_State *L) {
   luaL_setfuncs(L, funcs, 0);
   luaopen_fibril_core_http_response(L);
   lua_setfield(L, -2, "response_mt");
-  lua_pushstring(L, fb_http_id_prefix());    /* generated request ids: prefix + 8 hex digits */
-  lua_setfield(L, -2, "id_prefix");
   return 1;
 }
 

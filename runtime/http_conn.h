@@ -120,7 +120,7 @@ void fb_http_parser_init(fb_http_conn_t *c);      /* a new connection's parser *
 void fb_http_parse(fb_http_conn_t *c, const char *data, size_t len);
 void fb_http_spans_put(fb_http_conn_t *c);        /* gives back the head's header spans */
 void fb_http_spans_free(void);                    /* at shutdown: the pool's spare ones */
-const char *fb_http_id_prefix(void);              /* of generated request ids */
+int fb_http_l_id_string(lua_State *L);           /* core.http.id_string(counter) */
 
 /* http_edge.c: edge-triggered reads (why and the rules: the file's opening comment). */
 void fb_http_edge_arm(fb_http_conn_t *c);         /* after a read that emptied the socket */

@@ -19,7 +19,7 @@ enum { S_HTTP10 = 1, S_HTTP11, S_EMPTY, S_METHODS };
  * headers, body): the request table is put together by a table constructor the JIT compiles,
  * where a C-built table costs two API calls and a hash insert per field. id is the request id,
  * or for a generated one its counter, kept in _id: req.id is made from it when read
- * (lua/fibril/server.lua, with core.http.id_prefix). */
+ * (lua/fibril/server.lua, with core.http.id_string). */
 static const char request_entry[] =
   "return function(handler, res, method, path, query, target, version, id, headers, body)\n"
   "  if query == nil then  -- 8 fields: the table fits 8 hash slots, where 9 take 16\n"
@@ -231,9 +231,21 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
+/* A generated request id: the process prefix and the low 32 bits of its counter in hex, 16
+ * characters; out has room for 17. */
+static size_t format_id(char *out, uint64_t n) {
+  static const char hex[] = "0123456789abcdef";
+  int k;
+  memcpy(out, R.id_prefix, 8);
+  for (k = 15; k >= 8; k--, n >>= 4) out[k] = hex[n & 15];
+  out[16] = '\0';
+  return 16;
+}
+
 /* Request ids: X-Request-Id when it is short and plain, else a process prefix + counter.
- * Returns the counter for a generated id (Lua makes the same string only if it reads req.id:
- * one string fewer per request), 0 for an honoured one. */
+ * Returns the counter for a generated id (Lua makes the same string, core.http.id_string,
+ * only if it reads req.id or logs a line: one string fewer per request), 0 for an honoured
+ * one. */
 static uint64_t set_request_id(fb_http_conn_t *c) {
   int i;
   for (i = 0; i < c->nheaders; i++) {
@@ -251,16 +263,17 @@ static uint64_t set_request_id(fb_http_conn_t *c) {
       }
     }
   }
-  {
-    static const char hex[] = "0123456789abcdef";
-    uint64_t id = ++R.next_request, n = id;
-    int k;
-    memcpy(c->request_id, R.id_prefix, 8);
-    for (k = 15; k >= 8; k--, n >>= 4) c->request_id[k] = hex[n & 15];   /* its low 32 bits */
-    c->request_id[16] = '\0';
-    c->request_id_len = 16;
-    return id;
-  }
+  c->request_id_len = format_id(c->request_id, ++R.next_request);
+  return R.next_request;
+}
+
+/* core.http.id_string(n) -> the request id generated with counter n (req._id). */
+int fb_http_l_id_string(lua_State *L) {
+  char id[17];
+  lua_Number n = luaL_checknumber(L, 1);
+  if (!(n >= 1 && n <= 9007199254740992.0)) return luaL_argerror(L, 1, "a request id counter");
+  lua_pushlstring(L, id, format_id(id, (uint64_t)n));
+  return 1;
 }
 
 /* A request fiber of a tokens server ended: if its request is still current and no response
@@ -405,8 +418,6 @@ void fb_http_parser_init(fb_http_conn_t *c) {
   llhttp_init(&c->parser, HTTP_REQUEST, &R.settings);
   c->parser.data = c;
 }
-
-const char *fb_http_id_prefix(void) { return R.id_prefix; }
 
 void fb_http_request_init(lua_State *L) {
   R.L = L;

@@ -146,30 +146,25 @@ describe("fibril.executor", function()
     assert.are.same({ "run", { true }, "run", { false, err.message } }, order)
   end)
 
-  it("takes a request for call_new_fiber: its id is read only when the unit logs a line", function()
-    local lines, reads = capture_log(), 0
-    local function request()
-      return setmetatable({}, { __index = function(_, k)
-        if k == "id" then reads = reads + 1; return "r-6" end
-      end })
-    end
-    local quiet, loud = request(), request()
-    assert.is_true(fibril.await(fibril.schedule(function()
-      return executor.call_new_fiber(function() end, quiet)
-    end)))
-    assert.are.equal(0, reads)
+  it("takes a generated id's counter for call_new_fiber: its string is made only to log", function()
+    local lines = capture_log()
+    local id_string = require("fibril.core.http").id_string
+    local id = id_string(6)
+    assert.matches("^%x+00000006$", id)
     assert.is_true(fibril.await(fibril.schedule(function()
       return executor.call_new_fiber(function()
         log.info("one")
-        log.info("two")
         -- an inline subscriber's unit (call_nested) keeps the request's tag
         executor.call_nested(function() log.info("nested") end, { sub = "s" })
-      end, loud)
+        -- a fiber the unit starts, logging after the unit ended: the id, not the request
+        fibril.schedule(function() fibril.sleep(0.01); log.info("later") end)
+      end, 6)
     end)))
-    assert.are.equal(1, reads)
-    assert.matches("msg=one req=r%-6$", lines[1])
-    assert.matches("msg=two req=r%-6$", lines[2])
-    assert.matches("msg=nested req=r%-6 sub=s$", lines[3])
+    fibril.sleep(0.05)
+    assert.matches("msg=one req=" .. id .. "$", lines[1])
+    assert.matches("msg=nested req=" .. id .. " sub=s$", lines[2])
+    assert.matches("msg=later req=" .. id .. "$", lines[3])
+    assert.has_error(function() id_string(0) end)
   end)
 
   it("is call inside a running unit: the callbacks run once and the unit's context stays", function()

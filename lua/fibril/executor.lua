@@ -16,9 +16,10 @@ local M = {}
 -- A unit's context, the table core.fiber's set_context gives the fiber (and the fibers it
 -- schedules inherit), is an array of five slots, false when empty: an array part that small
 -- lives inside the table's own allocation, where five named fields would need a second one
--- for the hash part (a request makes one of these: one object fewer to collect). REQ is the
--- request id or the request, TAGS the log tags; log.lua reads those and keeps TAG_KEYS (5).
-local ACTIVE, REQ, LOCALS, TAGS = 1, 2, 3, 4
+-- for the hash part (a request makes one of these: one object fewer to collect). The slots:
+-- ACTIVE, the request id (or a generated one's counter), LOCALS, the log tags and their
+-- order; log.lua keeps the last three (2, 4, 5), the constructors below spell them out.
+local ACTIVE, LOCALS = 1, 3
 
 local run_callbacks, complete_callbacks, prepare_callbacks = {}, {}, {}
 local before_unit                  -- the reloader's hook: swap stale code before a unit
@@ -103,13 +104,9 @@ local function complete(ctx, previous, ok, ...)
   return ok, ...
 end
 
-local function request_id(req)
-  if type(req) == "table" then return req.id end
-  return req
-end
-
 local function new_context(tags)
-  if type(tags) == "string" then return { true, tags, false, false, false } end
+  local kind = type(tags)
+  if kind == "string" or kind == "number" then return { true, tags, false, false, false } end
   return { true, false, false, tags or false, false }
 end
 
@@ -152,19 +149,19 @@ end
 --- does not restore the fiber's context afterwards (nothing runs in it after the unit):
 --- two fewer C calls per request than call, and fixed arguments the JIT compiles. In a fiber
 --- that has a context, or with the reloader's hook set (development), it is call.
----@param req string|table the unit's request id (its log tag), or the request: its `id` is
---- then read only if the unit logs a line (a generated id is made when first read)
-function M.call_new_fiber(fn, req, a, b)
+---@param id string|number the unit's request id (its log tag), or the counter of a generated
+--- one (req._id): its string is made only if the unit logs a line
+function M.call_new_fiber(fn, id, a, b)
   -- The reloader's hook (development) runs before the unit's context is set: call does that.
-  if before_unit then return M.call(fn, request_id(req), a, b) end
-  local ctx = { true, req, false, false, false }
+  if before_unit then return M.call(fn, id, a, b) end
+  local ctx = { true, id, false, false, false }
   local inside, previous = set_context(ctx)
   if not inside then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end
   if previous ~= nil then                  -- not a new fiber after all: this is call's case
     set_context(previous)
-    return M.call(fn, request_id(req), a, b)
+    return M.call(fn, id, a, b)
   end
   local ok, result
   local err = run_callbacks_for_unit()
@@ -181,8 +178,7 @@ end
 ---@param tags table|nil log tags added to the outer unit's
 function M.call_nested(fn, tags, ...)
   local previous = context()
-  -- The outer unit's tags: its table, or (a request unit that has logged nothing yet) its req.
-  local outer = previous and (previous[TAGS] or (previous[REQ] and { req = request_id(previous[REQ]) }))
+  local outer = previous and log.context_tags(previous)   -- made from its request id if need be
   if outer then
     local merged = {}
     for k, v in pairs(outer) do merged[k] = v end

@@ -50,7 +50,11 @@ local function arm()
   armed = true
   newproxy(sentinel_proto)                   -- garbage at once: collected by the next cycle
 end
-getmetatable(sentinel_proto).__gc = function()
+getmetatable(sentinel_proto).__gc = function(u)
+  if u == sentinel_proto then                -- lua_close finalizes every userdata: no new ones
+    settings = nil
+    return
+  end
   armed = false
   if not settings then return end            -- stop() was called: the chain ends here
   stats.cycles = stats.cycles + 1

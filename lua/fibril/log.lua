@@ -7,6 +7,7 @@
 ---   log.info("status posted", { id = 12 })
 ---   -- ts=... level=info msg="status posted" req=... account=7 id=12
 local core = require "fibril.core.fiber"
+local id_string = require("fibril.core.http").id_string   -- a generated request id
 
 local type, tostring, pairs, ipairs, sort, concat, format, find, gsub, date, floor =
       type, tostring, pairs, ipairs, table.sort, table.concat, string.format, string.find,
@@ -69,18 +70,20 @@ end
 -- Slots of a unit's context, an array with false for empty (lua/fibril/executor.lua says why).
 local REQ, TAGS, TAG_KEYS = 2, 4, 5
 
--- The unit's tags table, or nil; a unit started with only a request id, or a request
--- (executor.call, call_new_fiber), gets it here, when it first logs a line.
+-- The unit's tags table, or nil; a unit started with only a request id, or a generated one's
+-- counter (executor.call, call_new_fiber), gets it here, when it first logs a line.
 local function unit_tags(ctx)
   local tags = ctx[TAGS]
   if tags then return tags end
   local req = ctx[REQ]
   if not req then return nil end
-  if type(req) == "table" then req = req.id end
+  if type(req) == "number" then req = id_string(req) end
   tags = { req = req }
   ctx[TAGS] = tags
   return tags
 end
+--- The tags of a unit's context (executor.call_nested merges them into its own).
+M.context_tags = unit_tags
 
 local function emit(level, msg, fields)
   if LEVELS[level] < min_level then return end

@@ -42,13 +42,13 @@ end
 M.response = response
 
 -- Made when first read: req.remote_addr and req.remote_port (getpeername), and req.id for a
--- generated id, which the server hands over as its counter in _id (runtime/http_request.c): most
--- requests never read their id, and its string would be one more object to collect.
-local ID_PREFIX = core_http.id_prefix
+-- generated id, which the server hands over as its counter in _id (runtime/http_request.c):
+-- most requests never read their id, and its string would be one more object to collect.
+local id_string = core_http.id_string
 local request_mt = { __index = function(req, k)
   if k == "id" then
     local id = rawget(req, "_id")
-    if type(id) == "number" then id = format("%s%08x", ID_PREFIX, id % 4294967296) end
+    if type(id) == "number" then id = id_string(id) end
     rawset(req, "id", id)
     return id
   elseif k == "remote_addr" or k == "remote_port" then
@@ -111,13 +111,14 @@ function M.handler(app)
     return SENT
   end
 
-  -- Each request is one unit of work (docs/executor.md), tagged with its request id (read
-  -- only if the unit logs a line), in the fiber the HTTP server spawned for it.
+  -- Each request is one unit of work (docs/executor.md), tagged with its request id, in the
+  -- fiber the HTTP server spawned for it: a generated id's counter, made a string only if
+  -- the unit logs a line (not the request itself: a fiber the unit starts may outlive it).
   local call = executor.call_new_fiber
   return function(req, res)
     if rawget(req, "_res") == nil then req._res = res end   -- a request table made in Lua
     setmetatable(req, request_mt)
-    local ok, err = call(serve, req, req, res)    -- err: serve's result when ok
+    local ok, err = call(serve, rawget(req, "_id") or req.id, req, res)   -- err: serve's result
     if ok and err == SENT then return end      -- answered (or the client left) by send
     res = response(req)                        -- the object: whatever the route left undone
     if ok then

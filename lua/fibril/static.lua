@@ -125,9 +125,12 @@ local function first_entry_exists(root, rel)
   local key = root .. "/" .. first
   local known = seen[key]
   if known ~= nil then return known end
-  local exists = fs.lstat(key) ~= nil        -- a link counts: realpath decides where it lands
-  if nseen < MAX_SEEN then seen[key], nseen = exists, nseen + 1 end
-  return exists
+  local st, _, code = fs.lstat(key)          -- a link counts: realpath decides where it lands
+  if not st and code ~= "ENOENT" and code ~= "ENOTDIR" then
+    return true                              -- not known to be absent: realpath will say
+  end
+  if nseen < MAX_SEEN then seen[key], nseen = st ~= nil, nseen + 1 end
+  return st ~= nil
 end
 
 -- ---- dates and validators ------------------------------------------------------------------
