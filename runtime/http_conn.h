@@ -167,7 +167,8 @@ extern fb_log_limit_t fb_http_warn_limit;
   fb_log_limited(&fb_http_warn_limit, HTTP_WARNS_PER_SECOND, FB_WARN, "http", __VA_ARGS__)
 /* core.http.head_lines(headers): a headers table rendered once, for res:send (http_write.c). */
 int fb_http_l_head_lines(lua_State *L);
-void fb_http_push_response(lua_State *L, fb_http_conn_t *c);   /* pushes a new res userdata */
+/* Pushes a new res userdata for c; for c NULL, one that reports closed (a stale token). */
+void fb_http_push_response(lua_State *L, fb_http_conn_t *c);
 void fb_http_detach_response(fb_http_conn_t *c);   /* its res object reports closed from now */
 /* core.http.send(token, status, headers, body), response(token) and remote(token): the
  * response calls of the token path (lua/fibril/server.lua). */

@@ -346,8 +346,9 @@ void fb_http_push_response(lua_State *L, fb_http_conn_t *c) {
   res_box_t *box = lua_newuserdata(L, sizeof *box);
   box->magic = RES_MAGIC;
   box->c = c;
-  c->res_box = box;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, W.res_mt_ref);
+  if (c) c->res_box = box;
+  /* One for no connection reports closed and needs no finalizer. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c ? W.res_mt_ref : W.res_done_mt_ref);
   lua_setmetatable(L, -2);
 }
 
@@ -423,16 +424,8 @@ int fb_http_l_send(lua_State *L) {
  * Making a second one for the same request detaches the first. */
 int fb_http_l_response(lua_State *L) {
   fb_http_conn_t *c = fb_http_check_token(L, 1);
-  if (c) {
-    fb_http_detach_response(c);
-    fb_http_push_response(L, c);
-  } else {
-    res_box_t *box = lua_newuserdata(L, sizeof *box);
-    box->magic = RES_MAGIC;
-    box->c = NULL;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, W.res_done_mt_ref);
-    lua_setmetatable(L, -2);
-  }
+  if (c) fb_http_detach_response(c);
+  fb_http_push_response(L, c);
   return 1;
 }
 

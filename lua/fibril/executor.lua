@@ -104,10 +104,16 @@ local function complete(ctx, previous, ok, ...)
   return ok, ...
 end
 
-local function new_context(tags)
+-- A fresh, active context: for a request id (a string, or a generated one's counter), or
+-- for a table of log tags.
+local function new_context(id, tags)
+  return { true, id or false, false, tags or false, false }
+end
+
+local function context_for(tags)
   local kind = type(tags)
-  if kind == "string" or kind == "number" then return { true, tags, false, false, false } end
-  return { true, false, false, tags or false, false }
+  if kind == "string" or kind == "number" then return new_context(tags, nil) end
+  return new_context(nil, tags)
 end
 
 -- The to_run callbacks; returns the error of the first that fails, or nil.
@@ -131,7 +137,7 @@ function M.call(fn, tags, ...)
   local previous = context()
   if previous and previous[ACTIVE] then return xpcall(fn, add_traceback, ...) end
   if before_unit then before_unit() end
-  local ctx = new_context(tags)
+  local ctx = context_for(tags)
   if not set_context(ctx) then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end
@@ -154,7 +160,7 @@ end
 function M.call_new_fiber(fn, id, a, b)
   -- The reloader's hook (development) runs before the unit's context is set: call does that.
   if before_unit then return M.call(fn, id, a, b) end
-  local ctx = { true, id, false, false, false }
+  local ctx = new_context(id, nil)
   local inside, previous = set_context(ctx)
   if not inside then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
@@ -185,7 +191,7 @@ function M.call_nested(fn, tags, ...)
     if tags then for k, v in pairs(tags) do merged[k] = v end end
     tags = merged
   end
-  local ctx = { true, false, false, tags or false, false }
+  local ctx = new_context(nil, tags)
   if not set_context(ctx) then
     error("executor: not inside a fiber (units of work run in fibers)", 2)
   end

@@ -115,21 +115,24 @@ end
 -- names are remembered per second (the rest are looked up each time), so bad URLs cannot
 -- grow it. A file added under a new top-level name is served within a second.
 local MAX_SEEN = 512
-local seen, seen_at, nseen = {}, 0, 0
+local seen, seen_at, nseen = {}, 0, 0        -- seen[root][name] = exists
 
 local function first_entry_exists(root, rel)
   local first = match(rel, "^[^/]+")
   if not first then return true end          -- the root itself
   local t = now()
   if t - seen_at >= 1 then seen, seen_at, nseen = {}, t, 0 end
-  local key = root .. "/" .. first
-  local known = seen[key]
+  local names = seen[root]
+  local known = names and names[first]
   if known ~= nil then return known end
-  local st, _, code = fs.lstat(key)          -- a link counts: realpath decides where it lands
+  local st, _, code = fs.lstat(root .. "/" .. first)   -- a link counts: realpath decides
   if not st and code ~= "ENOENT" and code ~= "ENOTDIR" then
     return true                              -- not known to be absent: realpath will say
   end
-  if nseen < MAX_SEEN then seen[key], nseen = st ~= nil, nseen + 1 end
+  if nseen < MAX_SEEN then
+    if not names then names = {}; seen[root] = names end
+    names[first], nseen = st ~= nil, nseen + 1
+  end
   return st ~= nil
 end
 
